@@ -1,0 +1,23 @@
+"""deep_ep_ops: expert-parallel dispatch/combine for MoE models as ``torch.ops.deepep`` custom ops.
+
+Layering (imports only go down):
+
+    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal) → transports
+                                         ↑
+                              _schemas (index of ops), meta_kernels (fakes + shared checks)
+
+``reference`` is the single-process oracle that defines every output. ``config`` is the only reader of
+environment variables, and ``_registry`` holds the only module-level state.
+"""
+
+from . import _schemas  # noqa: F401  (defines torch.ops.deepep.*)
+
+import meta_kernels  # noqa: E402,F401  (fake kernels)
+
+from . import normal  # noqa: E402,F401  (kernels + autograd)
+from .buffer import Buffer  # noqa: E402
+from .tuning import Config  # noqa: E402
+from .utils import EventHandle, EventOverlap  # noqa: E402
+
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap"]
+__version__ = "0.1.0"

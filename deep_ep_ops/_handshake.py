@@ -1,0 +1,127 @@
+"""The handshake every communicating op runs first: a fixed-size int64 header exchange.
+
+Its size depends only on the group size, so it is safe when ranks disagree on everything else. It runs
+before any exchange whose size depends on arguments, because a gloo exchange with mismatched sizes
+aborts the process. Each rank sends every peer one row:
+
+    [MAGIC, op, seq, status, status_arg0..2, cfg0..cfg8, send_count_to_rank_0..R-1]
+
+From the rows every rank raises the same error when a rank failed its input checks (``status``), when
+ranks run different ops (``op``/``seq``), or when they disagree on a setting (``cfg``). Normal-mode ops
+compare on the host and give detailed messages. Low-latency ops compare on the device with
+``torch._assert_async`` (no host sync), so their messages are fixed strings. The send-count column gives
+normal dispatch its whole ``[R, R]`` traffic matrix with no extra exchange.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _waits
+
+MAGIC = 0xDEE9E9
+OPS = ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "fused_deep_moe")
+NUM_CFG = 9
+_STATUS, _CFG, _COUNTS = 3, 7, 7 + NUM_CFG
+
+STATUS_OK = 0
+STATUS_CHECK_FAILED = 1  # message is in the store
+STATUS_EXPERT_OUT_OF_RANGE = 2  # args: token, slot, value
+STATUS_LAYOUT_MISMATCH = 3  # args: token, rank, is_token_in_rank value
+
+
+def _error_key(ctx, seq: int, rank: int) -> str:
+    return f"deepep_ops/{ctx.group_name}/error/{seq}/{rank}"
+
+
+def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | None = None,
+           status: tuple[int, int, int, int] = (0, 0, 0, 0), device: torch.device | str = "cpu") -> torch.Tensor:
+    """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``."""
+    rows = torch.zeros(ctx.num_ranks, _COUNTS + ctx.num_ranks, dtype=torch.int64, device=device)
+    rows[:, 0] = MAGIC
+    rows[:, 1] = OPS.index(op)
+    rows[:, 2] = seq
+    rows[:, _STATUS:_CFG] = torch.tensor(status, dtype=torch.int64)
+    rows[:, _CFG:_CFG + len(cfg)] = torch.tensor(cfg, dtype=torch.int64)
+    if send_counts is not None:
+        rows[:, _COUNTS:] = send_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
+    return rows
+
+
+def exchange(ctx, op: str, seq: int, rows: torch.Tensor) -> torch.Tensor:
+    """Sends ``rows`` and returns the ``[R, W]`` rows received (row ``s`` came from rank ``s``)."""
+    splits = [1] * ctx.num_ranks
+    return _waits.wait(ctx, ctx.transport.all_to_all(rows, splits, splits), op, seq)
+
+
+def report_failure(ctx, op: str, seq: int, message: str, cfg_len: int, device) -> None:
+    """Joins the handshake as a rank whose input checks failed, so its peers fail too (identically on
+    the host path) instead of waiting for it."""
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    try:
+        _get_default_store().set(_error_key(ctx, seq, ctx.rank), message)
+    except Exception:
+        pass
+    rows = header(ctx, op, seq, [0] * cfg_len, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
+    exchange(ctx, op, seq, rows)
+
+
+def recv_counts(rows: torch.Tensor, rank: int) -> torch.Tensor:
+    """``[R]`` rows each source sends to ``rank``, from the exchanged header."""
+    return rows[:, _COUNTS + rank]
+
+
+def send_matrix(rows: torch.Tensor) -> torch.Tensor:
+    """``[R, R]``: entry ``[i, j]`` is the number of rows rank ``i`` sends to rank ``j``."""
+    return rows[:, _COUNTS:]
+
+
+def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: dict[str, int]) -> str:
+    code, a0, a1, a2 = status
+    if code == STATUS_EXPERT_OUT_OF_RANGE:
+        return (f"deepep::{op}: expected topk_idx values in [-1, {cfg.get('num_experts')}), got {a2} at "
+                f"token {a0}, slot {a1} (on rank {rank})")
+    if code == STATUS_LAYOUT_MISMATCH:
+        return (f"deepep::{op}: expected is_token_in_rank to match topk_idx (compute both with "
+                f"get_dispatch_layout on the same topk_idx), got is_token_in_rank[{a0}, {a1}] = {bool(a2)} "
+                f"(on rank {rank})")
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        text = _get_default_store().get(_error_key(ctx, seq, rank)).decode()
+    except Exception:
+        text = f"deepep::{op}: rank {rank} rejected its inputs (see that rank's error)"
+    return f"{text} (on rank {rank})"
+
+
+def validate(ctx, op: str, seq: int, rows: torch.Tensor, cfg_names: list[str]) -> None:
+    """Host-side validation of exchanged rows; raises the same ``RuntimeError`` on every rank."""
+    table = rows.tolist()
+    if any(r[0] != MAGIC for r in table):
+        raise RuntimeError(f"deepep::{op}: expected every rank to run the same deep_ep_ops version, got a "
+                           f"foreign handshake")
+    where = [(OPS[r[1]] if 0 <= r[1] < len(OPS) else "?", r[2]) for r in table]
+    if len(set(where)) > 1:
+        seen = ", ".join(f"rank {i} at deepep::{o} #{s}" for i, (o, s) in enumerate(where))
+        raise RuntimeError(f"deepep::{op}: expected every rank of group {ctx.group_name!r} to call the same "
+                           f"op in the same order, got {seen}")
+    for src, r in enumerate(table):
+        if r[_STATUS] != STATUS_OK:
+            cfg = dict(zip(cfg_names, r[_CFG:_CFG + len(cfg_names)]))
+            raise RuntimeError(_status_message(ctx, op, seq, src, r[_STATUS:_CFG], cfg))
+    for i, name in enumerate(cfg_names):
+        values = [r[_CFG + i] for r in table]
+        if len(set(values)) > 1:
+            seen = ", ".join(f"{v} on rank {s}" for s, v in enumerate(values))
+            raise RuntimeError(f"deepep::{op}: expected the same {name} on every rank, got {seen}")
+
+
+def validate_on_device(rows: torch.Tensor, mine: torch.Tensor, op: str, what: str) -> None:
+    """Device-side validation (no host sync): every row must match ``mine`` and report status 0."""
+    same = (rows[:, :_STATUS] == mine[:_STATUS]).all() & (rows[:, _CFG:_COUNTS] == mine[_CFG:_COUNTS]).all()
+    torch._assert_async(
+        same & (rows[:, _STATUS] == 0).all(),
+        f"deepep::{op}: expected every rank to pass its input checks, run the same op in the same order "
+        f"and agree on {what}; got a failed check or a mismatch on another rank",
+    )

@@ -1,0 +1,57 @@
+"""The index of every ``torch.ops.deepep`` op: one ``define`` per op, nothing else.
+
+Recipe for a new op: define it here, add its fake kernel in ``meta_kernels/``, its kernel (and autograd
+where it has one) in the matching ``deep_ep_ops`` module, a reference in ``reference.py`` and a case in
+``tests/test_opcheck.py``; the schema snapshot test makes every schema change deliberate.
+
+Conventions shared by all ops:
+
+* ``group_name`` is ``ProcessGroup.group_name``; kernels resolve it, so only tensors, scalars and strings
+  cross the op boundary and the ops trace under ``torch.compile(fullgraph=True)``.
+* Handles are tensors. The normal-mode handle is DeepEP V1's intranode 6-tuple, passed as ``Tensor[]``:
+  ``[rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+  is_token_in_rank, send_head]``.
+* ``comm_seq`` (optional ``[1]`` int64) orders communication as data: every communicating op consumes
+  it and returns ``comm_seq + 1`` as ``comm_seq_out``, so no compiler pass can reorder or drop a comm op
+  whose successor consumes its sequence tensor. ``Buffer`` threads it for you.
+* Optional outputs are empty tensors (e.g. ``recv_topk_idx`` is ``[n, 0]`` without ``topk_idx``); the
+  ``Buffer`` facade turns them into ``None`` as DeepEP returns them.
+
+Owned with ``Library("deepep", "DEF")``: a second owner of the namespace (torchtitan's
+``torchtitan.distributed.deepep``) fails loudly at import instead of silently replacing our ops.
+"""
+
+import torch
+
+lib = torch.library.Library("deepep", "DEF")
+
+# --- normal mode (training, prefill) ---------------------------------------------------------------
+
+lib.define(
+    "get_dispatch_layout(Tensor topk_idx, int num_experts, str group_name) -> "
+    "(Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor num_tokens_per_expert, "
+    "Tensor is_token_in_rank)"
+)
+
+lib.define(
+    "dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, "
+    "Tensor is_token_in_rank, Tensor? num_tokens_per_expert, int num_experts, str group_name, "
+    "int expert_alignment=1, int num_worst_tokens=0, str quant_mode=\"none\", "
+    "int expert_token_nums_type=1, Tensor? comm_seq=None) -> "
+    "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, "
+    "Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, "
+    "Tensor recv_channel_prefix_matrix, Tensor recv_src_idx, Tensor send_head, Tensor comm_seq_out)"
+)
+
+# Cached dispatch: re-uses a previous dispatch's layout (no count exchange); the backward of combine.
+lib.define(
+    "dispatch.cached(Tensor x, Tensor? x_scales, Tensor? topk_weights, Tensor[] handle, "
+    "str group_name, Tensor? comm_seq=None) -> "
+    "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, Tensor comm_seq_out)"
+)
+
+lib.define(
+    "combine(Tensor x, Tensor[] handle, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, "
+    "str group_name, Tensor? comm_seq=None) -> "
+    "(Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)"
+)

@@ -1,0 +1,75 @@
+"""Routing arithmetic shared by every op: which rank owns an expert, and the dispatch layout.
+
+Vocabulary: ``R`` ranks, ``E`` routed experts, ``L = E // R`` local experts; expert ``e`` lives on rank
+``e // L`` with local id ``e % L``. With ``S`` shared-expert ranks (``MOE_SHARED_EXPERT_RANK_NUM``, low-latency
+and fused ops only) ranks ``0..S-1`` host one shared expert each, routed experts spread over the other
+``R - S`` ranks (``L = E // (R - S)``, expert ``e`` on rank ``S + e // L``), and token ``t`` of rank ``s``
+also visits the shared rank ``(s + t) % S``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def num_local_experts(num_experts: int, num_ranks: int, rank: int, num_shared_expert_ranks: int = 0) -> int:
+    """Local experts hosted by ``rank`` (1 on a shared-expert rank)."""
+    if rank < num_shared_expert_ranks:
+        return 1
+    return num_experts // (num_ranks - num_shared_expert_ranks)
+
+
+def expert_rank(topk_idx: torch.Tensor, experts_per_rank: int, num_shared_expert_ranks: int = 0) -> torch.Tensor:
+    """Owning rank of every selected expert; ``-1`` where ``topk_idx`` is ``-1``.
+
+    Args:
+        topk_idx: int64 ``[num_tokens, num_topk]`` global expert ids.
+        experts_per_rank: local experts per routed rank.
+        num_shared_expert_ranks: ``S``; routed experts start at rank ``S``.
+
+    Returns:
+        int64 ``[num_tokens, num_topk]``.
+    """
+    owner = torch.div(topk_idx, experts_per_rank, rounding_mode="floor") + num_shared_expert_ranks
+    return torch.where(topk_idx >= 0, owner, torch.full_like(owner, -1))
+
+
+def token_in_rank(rank_of_slot: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """bool ``[num_tokens, num_ranks]``: the token selects at least one expert on that rank."""
+    n = rank_of_slot.shape[0]
+    # Unused slots scatter into a spare column that is dropped, so they never clear a real entry.
+    column = torch.where(rank_of_slot >= 0, rank_of_slot, torch.full_like(rank_of_slot, num_ranks))
+    hit = torch.zeros(n, num_ranks + 1, dtype=torch.bool, device=rank_of_slot.device)
+    hit.scatter_(1, column, True)
+    return hit[:, :num_ranks]
+
+
+def get_dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Local layout computation behind ``deepep::get_dispatch_layout`` (see its docstring in ``ops``)."""
+    experts_per_rank = num_experts // num_ranks
+    is_token_in_rank = token_in_rank(expert_rank(topk_idx, experts_per_rank), num_ranks)
+    num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
+    num_nodes = num_ranks // num_ranks_per_node
+    in_node = is_token_in_rank.view(-1, num_nodes, num_ranks_per_node).any(dim=2)
+    num_tokens_per_rdma_rank = in_node.sum(dim=0, dtype=torch.int32)
+    valid = topk_idx >= 0
+    slot_expert = torch.where(valid, topk_idx, torch.full_like(topk_idx, num_experts)).flatten()
+    num_tokens_per_expert = torch.zeros(num_experts + 1, dtype=torch.int32, device=topk_idx.device)
+    num_tokens_per_expert.index_add_(0, slot_expert, torch.ones_like(slot_expert, dtype=torch.int32))
+    return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert[:num_experts], is_token_in_rank
+
+
+def align_up(counts: torch.Tensor, alignment: int) -> torch.Tensor:
+    """Rounds every count up to a multiple of ``alignment``."""
+    if alignment <= 1:
+        return counts
+    return (counts + alignment - 1) // alignment * alignment
+
+
+def expert_counts_output(counts: torch.Tensor, expert_token_nums_type: int) -> torch.Tensor:
+    """Per-expert counts as the op returns them: counts (type 1) or inclusive prefix sums (type 0)."""
+    if expert_token_nums_type == 0:
+        return counts.cumsum(0).to(counts.dtype)
+    return counts

@@ -1,0 +1,299 @@
+"""Kernels of the normal-mode ops (layout, dispatch, cached dispatch, combine) and their autograd.
+
+Every communicating kernel follows the same steps. First the shared checks; a rank whose checks fail
+still joins the handshake so that its peers fail with it. Then the handshake (config agreement, data
+checks, the ``[R, R]`` traffic matrix), one exchange of packed byte rows through the group's transport,
+and an unpack into fresh outputs. Autograd is DeepEP's duality: the backward of dispatch is a combine
+with the same handle, and the backward of combine is a cached dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from meta_kernels import checks
+
+from . import _handshake, _registry, _waits, layout, quant
+from ._schemas import lib
+from ._wire import RowFormat, dtype_code
+
+_DISPATCH_CFG = ["num_experts", "hidden", "x dtype", "x_scales columns", "x_scales dtype", "quant_mode",
+                 "num_topk (topk_idx)", "num_topk (topk_weights)", "num_worst_tokens"]
+_CACHED_CFG = ["hidden", "x dtype", "x_scales columns", "x_scales dtype", "num_topk (topk_weights)",
+               "handle (rank_prefix_matrix)"]
+_COMBINE_CFG = ["hidden", "x dtype", "num_topk (topk_weights)", "handle (rank_prefix_matrix)"]
+
+
+def _next_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if comm_seq is None:
+        return torch.zeros(1, dtype=torch.int64, device=like.device)
+    return comm_seq + 1
+
+
+def _width(t: torch.Tensor | None) -> int:
+    return -1 if t is None else t.shape[1]
+
+
+def _fingerprint(rank_prefix_matrix: torch.Tensor) -> int:
+    """A number that differs, with overwhelming odds, between the handles of two dispatches."""
+    flat = rank_prefix_matrix.flatten().long()
+    weights = (torch.arange(flat.numel(), device=flat.device) * 2654435761 + 97) % 2147483647
+    return int((flat * weights).sum()) % (1 << 62)
+
+
+def _expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[int, int, int, int] | None:
+    if topk_idx is None:
+        return None
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if not bool(bad.any()):
+        return None
+    t, k = (int(i) for i in bad.nonzero()[0])
+    return _handshake.STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
+
+
+def _run_checks(ctx, op: str, seq: int, cfg_len: int, device, check) -> None:
+    try:
+        check()
+    except RuntimeError as exc:
+        _handshake.report_failure(ctx, op, seq, str(exc), cfg_len, device)
+        raise
+
+
+def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device) -> torch.Tensor:
+    rows = _handshake.header(ctx, op, seq, cfg, send_counts, status or (0, 0, 0, 0), device)
+    received = _handshake.exchange(ctx, op, seq, rows)
+    _handshake.validate(ctx, op, seq, received, cfg_names)
+    return _handshake.send_matrix(received)
+
+
+def _exchange(ctx, op: str, seq: int, send: torch.Tensor, send_counts, recv_counts) -> torch.Tensor:
+    pending = ctx.transport.all_to_all(send, send_counts.tolist(), recv_counts.tolist())
+    return _waits.wait(ctx, pending, op, seq)
+
+
+def _padded(rows: torch.Tensor, total: int, fill) -> torch.Tensor:
+    out = rows.new_full((total, *rows.shape[1:]), fill) if total > rows.shape[0] else rows.new_empty(rows.shape)
+    out[:rows.shape[0]] = rows
+    return out
+
+
+def _payload_format(x, scales, topk_width: int, weights_width: int) -> RowFormat:
+    fields = [("x", x.dtype, x.shape[1])]
+    if scales is not None:
+        fields.append(("scales", scales.dtype, 1 if scales.dim() == 1 else scales.shape[1]))
+    fields += [("topk_idx", torch.int64, max(topk_width, 0)), ("topk_weights", torch.float32, max(weights_width, 0)),
+               ("src_idx", torch.int32, 1)]
+    return RowFormat(fields)
+
+
+def get_dispatch_layout(topk_idx, num_experts, group_name):
+    ctx = _registry.get(group_name)
+    checks.check_layout(topk_idx, num_experts, ctx.num_ranks)
+    status = _expert_id_status(topk_idx, num_experts)
+    if status is not None:
+        raise RuntimeError(f"deepep::get_dispatch_layout: expected topk_idx values in [-1, {num_experts}), got "
+                           f"{status[3]} at token {status[1]}, slot {status[2]}")
+    return layout.get_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks_per_node)
+
+
+def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, group_name,
+             expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1, comm_seq=None):
+    ctx = _registry.get(group_name)
+    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    _run_checks(ctx, "dispatch", seq, len(_DISPATCH_CFG), x.device, lambda: checks.check_dispatch(
+        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,
+        expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type))
+    local = num_experts // num_ranks
+    status = _expert_id_status(topk_idx, num_experts)
+    if status is None and topk_idx is not None:
+        expected = layout.token_in_rank(layout.expert_rank(topk_idx, local), num_ranks)
+        wrong = expected != is_token_in_rank
+        if bool(wrong.any()):
+            t, r = (int(i) for i in wrong.nonzero()[0])
+            status = (_handshake.STATUS_LAYOUT_MISMATCH, t, r, int(is_token_in_rank[t, r]))
+    data, scales = quant.per_token_int8(x) if quant_mode == "int8" else (x, x_scales)
+    cfg = [num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
+           dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
+           _width(topk_idx), _width(topk_weights), num_worst_tokens]
+    send_counts = is_token_in_rank.sum(0)
+    matrix = _handshake_or_raise(ctx, "dispatch", seq, cfg, _DISPATCH_CFG, send_counts, status, x.device)
+    recv_totals = matrix.sum(0)
+    if num_worst_tokens > 0 and bool((recv_totals > num_worst_tokens).any()):
+        r = int((recv_totals > num_worst_tokens).nonzero()[0])
+        raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
+                           f"per rank, got {int(recv_totals[r])} on rank {r}")
+
+    dest, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
+    fmt = _payload_format(data, scales, _width(topk_idx), _width(topk_weights))
+    values = {"x": data[token], "src_idx": token.to(torch.int32)}
+    if scales is not None:
+        values["scales"] = scales[token]
+    if topk_idx is not None:
+        values["topk_idx"] = topk_idx[token]
+    if topk_weights is not None:
+        values["topk_weights"] = topk_weights[token]
+    recv = _exchange(ctx, "dispatch", seq, fmt.pack(token.numel(), x.device, **values), send_counts, matrix[:, rank])
+
+    n = recv.shape[0]
+    total = max(n, num_worst_tokens)
+    recv_x = _padded(fmt.view(recv, "x"), total, 0)
+    if scales is None:
+        recv_x_scales = x.new_empty((total, 0), dtype=torch.float32)
+    else:
+        recv_x_scales = _padded(fmt.view(recv, "scales"), total, 0)
+        if scales.dim() == 1:
+            recv_x_scales = recv_x_scales.view(total)
+    recv_topk_idx = torch.empty(total, 0, dtype=torch.int64, device=x.device)
+    recv_topk_weights = torch.empty(total, 0, dtype=torch.float32, device=x.device)
+    if topk_idx is not None:
+        ids = fmt.view(recv, "topk_idx")
+        mine = (ids >= rank * local) & (ids < (rank + 1) * local)
+        local_ids = torch.where(mine, ids - rank * local, torch.full_like(ids, -1))
+        recv_topk_idx = _padded(local_ids, total, -1)
+        counts = layout.token_in_rank(local_ids, local).sum(0, dtype=torch.int32)
+        if topk_weights is not None:
+            w = fmt.view(recv, "topk_weights")
+            recv_topk_weights = _padded(torch.where(mine, w, torch.zeros_like(w)), total, 0)
+    else:
+        mine = num_tokens_per_expert.view(num_ranks, local).to(torch.int64)
+        counts = _exchange(ctx, "dispatch", seq, mine, torch.ones(num_ranks), torch.ones(num_ranks)).sum(0)
+        counts = counts.to(torch.int32)
+    counts = layout.expert_counts_output(layout.align_up(counts, expert_alignment), expert_token_nums_type)
+    order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
+    send_head = torch.where(is_token_in_rank, order, torch.full_like(order, -1)).to(torch.int32)
+    return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts,
+            matrix.cumsum(0).to(torch.int32), send_counts.to(torch.int32).view(num_ranks, 1),
+            torch.zeros(num_ranks, 1, dtype=torch.int32, device=x.device),
+            _padded(fmt.view(recv, "src_idx").view(n), total, -1), send_head, _next_seq(comm_seq, x))
+
+
+def _check_layout_matches(op: str, matrix: torch.Tensor, rank_prefix_matrix: torch.Tensor) -> None:
+    if not torch.equal(matrix.cumsum(0).to(rank_prefix_matrix.device), rank_prefix_matrix.long()):
+        raise RuntimeError(f"deepep::{op}: expected the handle of the dispatch whose layout the ranks now send, "
+                           f"got a handle whose rank_prefix_matrix differs (a stale handle?)")
+
+
+def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None):
+    ctx = _registry.get(group_name)
+    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    _run_checks(ctx, "cached_dispatch", seq, len(_CACHED_CFG), x.device,
+                lambda: checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks))
+    rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
+    cfg = [x.shape[1], dtype_code(x.dtype), _width(x_scales), dtype_code(None if x_scales is None else x_scales.dtype),
+           _width(topk_weights), _fingerprint(rank_prefix_matrix)]
+    send_counts = is_token_in_rank.sum(0)
+    matrix = _handshake_or_raise(ctx, "cached_dispatch", seq, cfg, _CACHED_CFG, send_counts, None, x.device)
+    _check_layout_matches("dispatch", matrix, rank_prefix_matrix)
+    dest, token = is_token_in_rank.t().nonzero(as_tuple=True)
+    fmt = _payload_format(x, x_scales, -1, _width(topk_weights))
+    values = {"x": x[token], "src_idx": token.to(torch.int32)}
+    if x_scales is not None:
+        values["scales"] = x_scales[token]
+    if topk_weights is not None:
+        values["topk_weights"] = topk_weights[token]
+    recv = _exchange(ctx, "cached_dispatch", seq, fmt.pack(token.numel(), x.device, **values), send_counts,
+                     matrix[:, rank])
+    total = recv_src_idx.shape[0]
+    recv_x_scales = (_padded(fmt.view(recv, "scales"), total, 0) if x_scales is not None
+                     else x.new_empty((total, 0), dtype=torch.float32))
+    recv_topk_weights = (_padded(fmt.view(recv, "topk_weights"), total, 0) if topk_weights is not None
+                         else x.new_empty((total, 0), dtype=torch.float32))
+    return _padded(fmt.view(recv, "x"), total, 0), recv_x_scales, recv_topk_weights, _next_seq(comm_seq, x)
+
+
+def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
+    ctx = _registry.get(group_name)
+    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    _run_checks(ctx, "combine", seq, len(_COMBINE_CFG), x.device,
+                lambda: checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks))
+    rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
+    column = rank_prefix_matrix[:, rank].long()
+    per_source = torch.diff(column, prepend=column.new_zeros(1))
+    cfg = [x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix)]
+    matrix = _handshake_or_raise(ctx, "combine", seq, cfg, _COMBINE_CFG, per_source, None, x.device)
+    _check_layout_matches("combine", matrix.t(), rank_prefix_matrix)
+    valid = int(column[-1])
+    fmt = _payload_format(x, None, -1, _width(topk_weights))
+    values = {"x": x[:valid]}
+    if topk_weights is not None:
+        values["topk_weights"] = topk_weights[:valid]
+    recv = _exchange(ctx, "combine", seq, fmt.pack(valid, x.device, **values), per_source, matrix[:, rank])
+    _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # rows arrive destination-major, like dispatch sent them
+    num_tokens = is_token_in_rank.shape[0]
+    acc = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
+    for bias in (bias_0, bias_1):
+        if bias is not None:
+            acc += bias.float()
+    acc.index_add_(0, token, fmt.view(recv, "x").float())
+    combined_w = x.new_empty((num_tokens, 0), dtype=torch.float32)
+    if topk_weights is not None:
+        combined_w = torch.zeros(num_tokens, topk_weights.shape[1], device=x.device)
+        combined_w.index_add_(0, token, fmt.view(recv, "topk_weights"))
+    return acc.to(x.dtype), combined_w, _next_seq(comm_seq, x)
+
+
+# --- autograd: dispatch.backward = combine, combine.backward = cached dispatch ------------------------
+
+def _handle_from_dispatch(inputs, output) -> list[torch.Tensor]:
+    return [output[5], output[6], output[7], output[8], inputs[4], output[9]]
+
+
+def _setup_dispatch(ctx, inputs, output):
+    x, topk_weights = inputs[0], inputs[3]
+    ctx.save_for_backward(*_handle_from_dispatch(inputs, output), output[2])
+    ctx.group_name = inputs[7]
+    ctx.x_grad = x.dtype in checks.FLOAT_DTYPES and inputs[10] != "int8"
+    ctx.has_weights = topk_weights is not None
+    ctx.recv_shape = output[0].shape
+
+
+def _backward_dispatch(ctx, grad_recv_x, _gs, _gi, grad_recv_topk_weights, *_rest):
+    *handle, recv_topk_idx = ctx.saved_tensors
+    if grad_recv_x is None:
+        grad_recv_x = handle[0].new_zeros(ctx.recv_shape, dtype=torch.float32)
+    weights = None
+    if ctx.has_weights and grad_recv_topk_weights is not None:
+        # Slots whose expert lives elsewhere were zeroed by dispatch: no gradient from this rank.
+        weights = torch.where(recv_topk_idx >= 0, grad_recv_topk_weights, torch.zeros_like(grad_recv_topk_weights))
+    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
+    return (grad_x if ctx.x_grad else None, None, None, grad_w if weights is not None else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+def _setup_cached(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[3])
+    ctx.group_name = inputs[4]
+    ctx.has_weights = inputs[2] is not None
+    ctx.num_handle = len(inputs[3])
+
+
+def _backward_cached(ctx, grad_recv_x, _gs, grad_recv_topk_weights, _gseq):
+    handle = list(ctx.saved_tensors)
+    weights = grad_recv_topk_weights if ctx.has_weights else None
+    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
+    return grad_x, None, grad_w if ctx.has_weights else None, [None] * ctx.num_handle, None, None
+
+
+def _setup_combine(ctx, inputs, output):
+    x, handle, topk_weights, bias_0, bias_1 = inputs[:5]
+    ctx.save_for_backward(*handle)
+    ctx.group_name = inputs[5]
+    ctx.flags = (topk_weights is not None, bias_0 is not None, bias_1 is not None)
+    ctx.num_handle = len(handle)
+
+
+def _backward_combine(ctx, grad_combined_x, grad_combined_w, _gseq):
+    handle = list(ctx.saved_tensors)
+    has_w, has_b0, has_b1 = ctx.flags
+    w = grad_combined_w if has_w else None
+    grad_x, _, grad_w, _ = torch.ops.deepep.dispatch.cached(grad_combined_x, None, w, handle, ctx.group_name)
+    return (grad_x, [None] * ctx.num_handle, grad_w if has_w else None, grad_combined_x if has_b0 else None,
+            grad_combined_x if has_b1 else None, None, None)
+
+
+for _name, _kernel in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),
+                       ("dispatch.cached", cached_dispatch), ("combine", combine)):
+    lib.impl(_name, _kernel, "CompositeExplicitAutograd")
+torch.library.register_autograd("deepep::dispatch", _backward_dispatch, setup_context=_setup_dispatch, lib=lib)
+torch.library.register_autograd("deepep::dispatch.cached", _backward_cached, setup_context=_setup_cached, lib=lib)
+torch.library.register_autograd("deepep::combine", _backward_combine, setup_context=_setup_combine, lib=lib)

@@ -1,0 +1,211 @@
+"""The oracle: every op simulated for all ranks in one process, in plain (differentiable) torch.
+
+Inputs are lists indexed by rank; outputs are lists indexed by rank. This module *defines* the
+semantics: every transport and kernel is tested against it, exactly for permutations and within
+stated tolerances where reductions or quantization happen. It favours obviousness over speed: it
+builds each receiver's rows source by source, where the kernels pack, exchange and unpack bytes.
+
+Normal mode (DESIGN §4): each token goes once to every rank owning at least one of its experts.
+``recv_x`` rows are ordered by (source rank, source token); ``recv_topk_idx`` holds local expert ids
+(``-1`` for experts elsewhere) and ``recv_topk_weights`` the weights (``0`` for experts elsewhere).
+Combine sums each token's rows over the ranks that received it, in fp32, in rank order, starting from
+the biases, and rounds once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import quant
+from .layout import align_up, expert_counts_output
+
+
+@dataclasses.dataclass
+class Dispatched:
+    """One rank's normal-mode dispatch outputs; the last six fields are DeepEP's handle."""
+
+    recv_x: torch.Tensor
+    recv_x_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    num_recv_tokens_per_expert: torch.Tensor
+    rank_prefix_matrix: torch.Tensor
+    channel_prefix_matrix: torch.Tensor
+    recv_channel_prefix_matrix: torch.Tensor
+    recv_src_idx: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    send_head: torch.Tensor
+
+    @property
+    def handle(self) -> tuple[torch.Tensor, ...]:
+        return (self.rank_prefix_matrix, self.channel_prefix_matrix, self.recv_channel_prefix_matrix,
+                self.recv_src_idx, self.is_token_in_rank, self.send_head)
+
+
+def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
+                        num_ranks_per_node: int | None = None):
+    """Layout of one rank's routing, token by token (see ``deepep::get_dispatch_layout``).
+
+    Returns:
+        ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [num_nodes] int32,
+        num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)``.
+    """
+    per_node = num_ranks if num_ranks_per_node is None else num_ranks_per_node
+    experts_per_rank = num_experts // num_ranks
+    n = topk_idx.shape[0]
+    is_token_in_rank = torch.zeros(n, num_ranks, dtype=torch.bool)
+    num_tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32)
+    for t, row in enumerate(topk_idx.tolist()):
+        for e in row:
+            if e >= 0:
+                is_token_in_rank[t, e // experts_per_rank] = True
+                num_tokens_per_expert[e] += 1
+    nodes = is_token_in_rank.view(n, num_ranks // per_node, per_node).any(dim=2)
+    return (is_token_in_rank.sum(0).to(torch.int32), nodes.sum(0).to(torch.int32), num_tokens_per_expert,
+            is_token_in_rank)
+
+
+def _payload(x, x_scales, quant_mode: str):
+    if quant_mode == "int8":
+        return quant.per_token_int8(x)
+    return x, x_scales
+
+
+def _pad(t: torch.Tensor | None, rows: int, value) -> torch.Tensor | None:
+    if t is None or rows <= t.shape[0]:
+        return t
+    tail = torch.full((rows - t.shape[0], *t.shape[1:]), value, dtype=t.dtype)
+    return torch.cat([t, tail])
+
+
+def dispatch(x: list[torch.Tensor], topk_idx: list[torch.Tensor] | None, topk_weights: list[torch.Tensor] | None,
+             num_experts: int, *, x_scales: list[torch.Tensor] | None = None,
+             is_token_in_rank: list[torch.Tensor] | None = None,
+             num_tokens_per_expert: list[torch.Tensor] | None = None, expert_alignment: int = 1,
+             num_worst_tokens: int = 0, quant_mode: str = "none", expert_token_nums_type: int = 1) -> list[Dispatched]:
+    """Normal-mode dispatch of every rank's tokens (DESIGN §4 ``dispatch``).
+
+    Args:
+        x: per rank ``[N_r, H]``.
+        topk_idx: per rank int64 ``[N_r, K]`` global expert ids (``-1`` unused), or ``None``.
+        topk_weights: per rank float32 ``[N_r, K]``, or ``None``.
+        num_experts: ``E``, divisible by the number of ranks.
+        x_scales: per rank FP8 scales ``[N_r, S]`` travelling with an FP8 ``x``.
+        is_token_in_rank: per rank bool ``[N_r, R]``; derived from ``topk_idx`` when ``None``.
+        num_tokens_per_expert: per rank ``[E]``; used for the counts when ``topk_idx`` is ``None``.
+        expert_alignment: per-expert counts are rounded up to a multiple of it.
+        num_worst_tokens: pad every output to this many rows (``-1`` ids and source indices, zeros elsewhere).
+        quant_mode: ``"int8"`` quantizes each token on the sender (eps ``1e-12``).
+        expert_token_nums_type: ``0`` returns inclusive prefix sums of the counts.
+
+    Returns:
+        One :class:`Dispatched` per rank.
+    """
+    num_ranks = len(x)
+    local = num_experts // num_ranks
+    if is_token_in_rank is None:
+        is_token_in_rank = [get_dispatch_layout(t, num_experts, num_ranks)[3] for t in topk_idx]
+    payloads = [_payload(x[s], None if x_scales is None else x_scales[s], quant_mode) for s in range(num_ranks)]
+    sent = torch.stack([m.sum(0) for m in is_token_in_rank]).to(torch.int32)  # [src, dst]
+    results = []
+    for r in range(num_ranks):
+        rows_x, rows_s, rows_i, rows_w, rows_src = [], [], [], [], []
+        for s in range(num_ranks):
+            toks = is_token_in_rank[s][:, r].nonzero().flatten()
+            data, scales = payloads[s]
+            rows_x.append(data[toks])
+            rows_src.append(toks.to(torch.int32))
+            if scales is not None:
+                rows_s.append(scales[toks])
+            if topk_idx is not None:
+                ids = topk_idx[s][toks]
+                mine = (ids >= r * local) & (ids < (r + 1) * local)
+                rows_i.append(torch.where(mine, ids - r * local, torch.full_like(ids, -1)))
+                if topk_weights is not None:
+                    w = topk_weights[s][toks]
+                    rows_w.append(torch.where(mine, w, torch.zeros_like(w)))
+        recv_topk_idx = torch.cat(rows_i) if topk_idx is not None else None
+        if topk_idx is not None:
+            counts = torch.stack([(recv_topk_idx == i).any(dim=1).sum() for i in range(local)]).to(torch.int32)
+        else:
+            counts = sum(n[r * local:(r + 1) * local].to(torch.int32) for n in num_tokens_per_expert)
+        counts = expert_counts_output(align_up(counts, expert_alignment), expert_token_nums_type)
+        n_me = is_token_in_rank[r].shape[0]
+        order = is_token_in_rank[r].to(torch.int32).cumsum(0) - 1
+        send_head = torch.where(is_token_in_rank[r], order, torch.full_like(order, -1)).to(torch.int32)
+        rows = max(num_worst_tokens, 0)
+        results.append(Dispatched(
+            recv_x=_pad(torch.cat(rows_x), rows, 0),
+            recv_x_scales=_pad(torch.cat(rows_s), rows, 0) if rows_s else None,
+            recv_topk_idx=_pad(recv_topk_idx, rows, -1),
+            recv_topk_weights=_pad(torch.cat(rows_w), rows, 0) if rows_w else None,
+            num_recv_tokens_per_expert=counts,
+            rank_prefix_matrix=sent.cumsum(0).to(torch.int32),
+            channel_prefix_matrix=sent[r].view(num_ranks, 1).clone(),
+            recv_channel_prefix_matrix=torch.zeros(num_ranks, 1, dtype=torch.int32),
+            recv_src_idx=_pad(torch.cat(rows_src), rows, -1),
+            is_token_in_rank=is_token_in_rank[r],
+            send_head=send_head.view(n_me, num_ranks),
+        ))
+    return results
+
+
+def _blocks(d: Dispatched, rank: int):
+    """(source rank, first row, row count) of every source block in a receiver's rows."""
+    column = d.rank_prefix_matrix[:, rank].tolist()
+    begin = 0
+    for s, end in enumerate(column):
+        yield s, begin, end - begin
+        begin = end
+
+
+def cached_dispatch(x: list[torch.Tensor], dispatched: list[Dispatched], *,
+                    x_scales: list[torch.Tensor] | None = None,
+                    topk_weights: list[torch.Tensor] | None = None) -> list[tuple]:
+    """Dispatch with a previous dispatch's layout: per rank ``(recv_x, recv_x_scales, recv_topk_weights)``.
+
+    Weights travel unmasked (the layout has no expert ids); padding rows of a ``num_worst_tokens``
+    layout are zeros.
+    """
+    out = []
+    for r, d in enumerate(dispatched):
+        rows = d.recv_src_idx.shape[0]
+        parts = {"x": [], "s": [], "w": []}
+        for s, _, _ in _blocks(d, r):
+            toks = dispatched[s].is_token_in_rank[:, r].nonzero().flatten()
+            parts["x"].append(x[s][toks])
+            if x_scales is not None:
+                parts["s"].append(x_scales[s][toks])
+            if topk_weights is not None:
+                parts["w"].append(topk_weights[s][toks])
+        cat = {k: _pad(torch.cat(v), rows, 0) if v else None for k, v in parts.items()}
+        out.append((cat["x"], cat["s"], cat["w"]))
+    return out
+
+
+def combine(x: list[torch.Tensor], dispatched: list[Dispatched], *, topk_weights: list[torch.Tensor] | None = None,
+            bias: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> list[tuple]:
+    """Inverse of :func:`dispatch`: per rank ``(combined_x [N, H], combined_topk_weights [N, K] or None)``.
+
+    ``combined_x[t] = round(bias_0[t] + bias_1[t] + Σ_r x_r[row of t])`` accumulated in fp32 in rank order;
+    rows past the valid count of a ``num_worst_tokens`` dispatch are ignored.
+    """
+    num_ranks = len(x)
+    out = []
+    for s in range(num_ranks):
+        n = dispatched[s].is_token_in_rank.shape[0]
+        acc = torch.zeros(n, x[0].shape[1], dtype=torch.float32)
+        for b in (bias[s] if bias is not None else ()):
+            if b is not None:
+                acc = acc + b.float()
+        acc_w = torch.zeros(n, topk_weights[0].shape[1]) if topk_weights is not None else None
+        for r in range(num_ranks):
+            _, begin, count = list(_blocks(dispatched[r], r))[s]
+            toks = dispatched[r].recv_src_idx[begin:begin + count].long()
+            acc = acc.index_add(0, toks, x[r][begin:begin + count].float())
+            if acc_w is not None:
+                acc_w = acc_w.index_add(0, toks, topk_weights[r][begin:begin + count])
+        out.append((acc.to(x[0].dtype), acc_w))
+    return out

@@ -1,0 +1,151 @@
+"""Input checks, written once and run by the fake kernels (compile time) and the real kernels (eager).
+
+Every failure reads ``deepep::<op>: expected <what>, got <actual>`` and is raised with ``torch._check``,
+which also works on symbolic and unbacked sizes (it becomes a runtime assert when it cannot be decided
+at trace time). Only metadata is checked here; checks that need data (expert ids in range) run in the
+kernels and are reported through the handshake so that every rank raises them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PAYLOAD_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
+QUANT_MODES = ("none", "int8")
+
+
+def expect(cond, op: str, expected: str, got, hint: str | None = None) -> None:
+    """``torch._check(cond)`` with the project's message format."""
+    torch._check(cond, lambda: f"deepep::{op}: expected {expected}, got {got}" + (f" ({hint})" if hint else ""))
+
+
+def _shape(t: torch.Tensor) -> list:
+    return list(t.shape)
+
+
+def check_tensor(t, op: str, name: str, ndim: int, dtypes, device: torch.device | None = None) -> None:
+    """``t`` is a tensor with ``ndim`` dims, one of ``dtypes`` and on ``device``."""
+    expect(isinstance(t, torch.Tensor), op, f"{name} to be a tensor", type(t).__name__)
+    expect(t.dim() == ndim, op, f"{name} with {ndim} dims", f"shape {_shape(t)}")
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    expect(t.dtype in dtypes, op, f"{name} of dtype {' or '.join(str(d) for d in dtypes)}", t.dtype)
+    if device is not None:
+        expect(t.device == device, op, f"{name} on {device} like x", t.device)
+
+
+def check_num_experts(op: str, num_experts: int, num_routed_ranks: int) -> None:
+    expect(num_experts > 0, op, "num_experts > 0", num_experts)
+    expect(num_experts % num_routed_ranks == 0, op,
+           f"num_experts divisible by the {num_routed_ranks} ranks that host routed experts", num_experts)
+
+
+def check_topk(op: str, topk_idx, topk_weights, num_tokens, device, weights_required: bool = False) -> None:
+    """``topk_idx`` int64 ``[N, K]`` and ``topk_weights`` float32 ``[N, K]`` (each optional)."""
+    if topk_idx is not None:
+        check_tensor(topk_idx, op, "topk_idx", 2, torch.int64, device)
+        expect(topk_idx.shape[0] == num_tokens, op, f"topk_idx with {num_tokens} rows like x",
+               f"shape {_shape(topk_idx)}")
+    if topk_weights is not None:
+        check_tensor(topk_weights, op, "topk_weights", 2, torch.float32, device)
+        expect(topk_weights.shape[0] == num_tokens, op, f"topk_weights with {num_tokens} rows like x",
+               f"shape {_shape(topk_weights)}")
+        if topk_idx is not None:
+            expect(topk_weights.shape[1] == topk_idx.shape[1], op,
+                   f"topk_weights of shape [num_tokens, num_topk] = {_shape(topk_idx)} like topk_idx",
+                   f"shape {_shape(topk_weights)}")
+    if weights_required:
+        expect(topk_weights is not None, op, "topk_weights", None)
+
+
+def check_layout(topk_idx, num_experts: int, num_ranks: int) -> None:
+    op = "get_dispatch_layout"
+    check_tensor(topk_idx, op, "topk_idx", 2, torch.int64)
+    check_num_experts(op, num_experts, num_ranks)
+
+
+def check_payload(op: str, x, x_scales, quant_mode: str = "none") -> None:
+    """``x`` ``[N, H]`` payload, optionally FP8 with ``x_scales`` ``[N, S]``, and the wire quantization."""
+    check_tensor(x, op, "x", 2, PAYLOAD_DTYPES)
+    expect(quant_mode in QUANT_MODES, op, f"quant_mode in {list(QUANT_MODES)}", repr(quant_mode))
+    if x_scales is not None:
+        check_tensor(x_scales, op, "x_scales", 2, (torch.float32, torch.int32), x.device)
+        expect(x.element_size() == 1, op, "a 1-byte x (e.g. float8_e4m3fn) with x_scales", x.dtype)
+        expect(x_scales.shape[0] == x.shape[0], op, f"x_scales with {x.shape[0]} rows like x",
+               f"shape {_shape(x_scales)}")
+    if quant_mode == "int8":
+        expect(x_scales is None and x.dtype in FLOAT_DTYPES, op,
+               "a bf16/fp16/fp32 x without x_scales for quant_mode='int8'", x.dtype)
+
+
+def check_handle(op: str, handle, num_ranks: int, device) -> None:
+    """The normal-mode handle: DeepEP's 6 tensors (see ``deep_ep_ops._schemas``)."""
+    expect(len(handle) == 6, op, "a dispatch handle of 6 tensors", f"{len(handle)} tensors")
+    rank_prefix_matrix, channel_prefix, recv_channel_prefix, recv_src_idx, is_token_in_rank, send_head = handle
+    check_tensor(rank_prefix_matrix, op, "handle[0] (rank_prefix_matrix)", 2, torch.int32, device)
+    expect(_shape(rank_prefix_matrix) == [num_ranks, num_ranks], op,
+           f"handle[0] (rank_prefix_matrix) of shape [{num_ranks}, {num_ranks}] for this group",
+           f"shape {_shape(rank_prefix_matrix)}", hint="was the handle made on another group?")
+    check_tensor(channel_prefix, op, "handle[1] (channel_prefix_matrix)", 2, torch.int32, device)
+    check_tensor(recv_channel_prefix, op, "handle[2] (recv_channel_prefix_matrix)", 2, torch.int32, device)
+    check_tensor(recv_src_idx, op, "handle[3] (recv_src_idx)", 1, torch.int32, device)
+    check_tensor(is_token_in_rank, op, "handle[4] (is_token_in_rank)", 2, torch.bool, device)
+    expect(is_token_in_rank.shape[1] == num_ranks, op,
+           f"handle[4] (is_token_in_rank) with {num_ranks} columns", f"shape {_shape(is_token_in_rank)}")
+    check_tensor(send_head, op, "handle[5] (send_head)", 2, torch.int32, device)
+    expect(send_head.shape[0] == is_token_in_rank.shape[0], op,
+           "handle[5] (send_head) with one row per token like handle[4]", f"shape {_shape(send_head)}")
+
+
+def check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                   num_experts: int, num_ranks: int, expert_alignment: int, num_worst_tokens: int,
+                   quant_mode: str, expert_token_nums_type: int) -> None:
+    op = "dispatch"
+    check_payload(op, x, x_scales, quant_mode)
+    num_tokens = x.shape[0]
+    check_topk(op, topk_idx, topk_weights, num_tokens, x.device)
+    expect(topk_weights is None or topk_idx is not None, op, "topk_idx together with topk_weights", None)
+    check_tensor(is_token_in_rank, op, "is_token_in_rank", 2, torch.bool, x.device)
+    for dim, size in ((0, num_tokens), (1, num_ranks)):
+        expect(is_token_in_rank.shape[dim] == size, op,
+               f"is_token_in_rank of shape [num_tokens, num_ranks] = [{num_tokens}, {num_ranks}]",
+               f"shape {_shape(is_token_in_rank)}")
+    check_num_experts(op, num_experts, num_ranks)
+    if num_tokens_per_expert is not None:
+        check_tensor(num_tokens_per_expert, op, "num_tokens_per_expert", 1, (torch.int32, torch.int64), x.device)
+        expect(num_tokens_per_expert.shape[0] == num_experts, op,
+               f"num_tokens_per_expert of shape [num_experts] = [{num_experts}]",
+               f"shape {_shape(num_tokens_per_expert)}")
+    expect(topk_idx is not None or num_tokens_per_expert is not None, op,
+           "topk_idx or num_tokens_per_expert to count tokens per expert", "neither")
+    expect(expert_alignment >= 1, op, "expert_alignment >= 1", expert_alignment)
+    expect(num_worst_tokens >= 0, op, "num_worst_tokens >= 0", num_worst_tokens)
+    expect(expert_token_nums_type in (0, 1), op, "expert_token_nums_type (MOE_EXPERT_TOKEN_NUMS_TYPE) in [0, 1]",
+           expert_token_nums_type)
+
+
+def check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks: int) -> None:
+    op = "dispatch"
+    check_payload(op, x, x_scales)
+    check_handle(op, handle, num_ranks, x.device)
+    num_tokens = handle[4].shape[0]
+    expect(x.shape[0] == num_tokens, op, f"x with {num_tokens} rows, the token count of the handle's dispatch",
+           f"shape {_shape(x)}", hint="a handle from another dispatch?")
+    check_topk(op, None, topk_weights, num_tokens, x.device)
+
+
+def check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks: int) -> None:
+    op = "combine"
+    check_tensor(x, op, "x", 2, FLOAT_DTYPES)
+    check_handle(op, handle, num_ranks, x.device)
+    num_recv = handle[3].shape[0]
+    expect(x.shape[0] == num_recv, op, f"x with {num_recv} rows, as many as the dispatch received",
+           f"shape {_shape(x)}", hint="a handle from another dispatch?")
+    check_topk(op, None, topk_weights, num_recv, x.device)
+    num_tokens = handle[4].shape[0]
+    for name, bias in (("bias[0]", bias_0), ("bias[1]", bias_1)):
+        if bias is not None:
+            check_tensor(bias, op, name, 2, FLOAT_DTYPES, x.device)
+            for dim, size in ((0, num_tokens), (1, x.shape[1])):
+                expect(bias.shape[dim] == size, op, f"{name} of shape [num_tokens, hidden] = "
+                       f"[{num_tokens}, {x.shape[1]}]", f"shape {_shape(bias)}")
