@@ -156,7 +156,8 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
             recv_topk_weights = _padded(torch.where(mine, w, torch.zeros_like(w)), total, 0)
     else:
         mine = num_tokens_per_expert.view(num_ranks, local).to(torch.int64)
-        counts = _exchange(ctx, "dispatch", seq, mine, torch.ones(num_ranks), torch.ones(num_ranks)).sum(0)
+        ones = torch.ones(num_ranks, dtype=torch.int64)
+        counts = _exchange(ctx, "dispatch", seq, mine, ones, ones).sum(0)
         counts = counts.to(torch.int32)
     counts = layout.expert_counts_output(layout.align_up(counts, expert_alignment), expert_token_nums_type)
     order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
