@@ -4,10 +4,13 @@ Its size depends only on the group size, so it is safe when ranks disagree on ev
 before any exchange whose size depends on arguments, because a gloo exchange with mismatched sizes
 aborts the process. Each rank sends every peer one row:
 
-    [MAGIC, op, seq, status, status_arg0..2, cfg0..cfg8, send_count_to_rank_0..R-1]
+    [MAGIC, op, seq, status, status_arg0..2, cfg0..cfg8, send_count_to_rank_0..R-1,
+     expected_count_from_rank_0..R-1]
 
 From the rows every rank raises the same error when a rank failed its input checks (``status``), when
-ranks run different ops (``op``/``seq``), or when they disagree on a setting (``cfg``). Normal-mode ops
+ranks run different ops (``op``/``seq``), when they disagree on a setting (``cfg``), or when what a rank
+sends differs from what its peer expects to receive (a stale or mismatched handle), so an exchange
+with inconsistent sizes never starts. Normal-mode ops
 compare on the host and give detailed messages. Low-latency ops compare on the device with
 ``torch._assert_async`` (no host sync), so their messages are fixed strings. The send-count column gives
 normal dispatch its whole ``[R, R]`` traffic matrix with no extra exchange.
@@ -28,6 +31,7 @@ STATUS_OK = 0
 STATUS_CHECK_FAILED = 1  # message is in the store
 STATUS_EXPERT_OUT_OF_RANGE = 2  # args: token, slot, value
 STATUS_LAYOUT_MISMATCH = 3  # args: token, rank, is_token_in_rank value
+STATUS_HANDLE_ROWS = 4  # args: rows the handle claims, rows there are
 
 
 def _error_key(ctx, seq: int, rank: int) -> str:
@@ -35,16 +39,22 @@ def _error_key(ctx, seq: int, rank: int) -> str:
 
 
 def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | None = None,
-           status: tuple[int, int, int, int] = (0, 0, 0, 0), device: torch.device | str = "cpu") -> torch.Tensor:
-    """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``."""
-    rows = torch.zeros(ctx.num_ranks, _COUNTS + ctx.num_ranks, dtype=torch.int64, device=device)
+           status: tuple[int, int, int, int] = (0, 0, 0, 0), device: torch.device | str = "cpu",
+           expect_counts: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``. ``expect_counts`` (rows this rank
+    expects from each peer) is ``-1`` when the receiver learns its counts from the handshake."""
+    num_ranks = ctx.num_ranks
+    rows = torch.zeros(num_ranks, _COUNTS + 2 * num_ranks, dtype=torch.int64, device=device)
     rows[:, 0] = MAGIC
     rows[:, 1] = OPS.index(op)
     rows[:, 2] = seq
     rows[:, _STATUS:_CFG] = torch.tensor(status, dtype=torch.int64)
     rows[:, _CFG:_CFG + len(cfg)] = torch.tensor(cfg, dtype=torch.int64)
     if send_counts is not None:
-        rows[:, _COUNTS:] = send_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
+        rows[:, _COUNTS:_COUNTS + num_ranks] = send_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
+    rows[:, _COUNTS + num_ranks:] = -1
+    if expect_counts is not None:
+        rows[:, _COUNTS + num_ranks:] = expect_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
     return rows
 
 
@@ -54,17 +64,20 @@ def exchange(ctx, op: str, seq: int, rows: torch.Tensor) -> torch.Tensor:
     return _waits.wait(ctx, ctx.transport.all_to_all(rows, splits, splits), op, seq)
 
 
-def report_failure(ctx, op: str, seq: int, message: str, cfg_len: int, device) -> None:
-    """Joins the handshake as a rank whose input checks failed, so its peers fail too (identically on
-    the host path) instead of waiting for it."""
+def report_failure(ctx, op: str, seq: int, message: str, cfg_names: list[str], device) -> None:
+    """Joins the handshake as a rank whose input checks failed, then raises what every rank raises.
+
+    The message goes through the store, so the failing rank and its peers all raise the same text
+    instead of the peers waiting for a rank that gave up.
+    """
     from torch.distributed.distributed_c10d import _get_default_store
 
     try:
         _get_default_store().set(_error_key(ctx, seq, ctx.rank), message)
     except Exception:
         pass
-    rows = header(ctx, op, seq, [0] * cfg_len, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
-    exchange(ctx, op, seq, rows)
+    rows = header(ctx, op, seq, [0] * len(cfg_names), status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
+    validate(ctx, op, seq, exchange(ctx, op, seq, rows), cfg_names)
 
 
 def recv_counts(rows: torch.Tensor, rank: int) -> torch.Tensor:
@@ -74,7 +87,7 @@ def recv_counts(rows: torch.Tensor, rank: int) -> torch.Tensor:
 
 def send_matrix(rows: torch.Tensor) -> torch.Tensor:
     """``[R, R]``: entry ``[i, j]`` is the number of rows rank ``i`` sends to rank ``j``."""
-    return rows[:, _COUNTS:]
+    return rows[:, _COUNTS:_COUNTS + rows.shape[0]]
 
 
 def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: dict[str, int]) -> str:
@@ -86,6 +99,9 @@ def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: d
         return (f"deepep::{op}: expected is_token_in_rank to match topk_idx (compute both with "
                 f"get_dispatch_layout on the same topk_idx), got is_token_in_rank[{a0}, {a1}] = {bool(a2)} "
                 f"(on rank {rank})")
+    if code == STATUS_HANDLE_ROWS:
+        return (f"deepep::{op}: expected a handle whose rank_prefix_matrix fits the {a1} received rows, got one "
+                f"claiming {a0} (a stale handle?) (on rank {rank})")
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
@@ -115,6 +131,14 @@ def validate(ctx, op: str, seq: int, rows: torch.Tensor, cfg_names: list[str]) -
         if len(set(values)) > 1:
             seen = ", ".join(f"{v} on rank {s}" for s, v in enumerate(values))
             raise RuntimeError(f"deepep::{op}: expected the same {name} on every rank, got {seen}")
+    num_ranks = len(table)
+    for dst, r in enumerate(table):
+        for src, expected in enumerate(r[_COUNTS + num_ranks:]):
+            sent = table[src][_COUNTS + dst]
+            if expected >= 0 and sent != expected:
+                raise RuntimeError(
+                    f"deepep::{op}: expected rank {dst} to receive as many rows as rank {src} sends it, got {sent} "
+                    f"sent and {expected} expected (a stale handle, or handles of different dispatches?)")
 
 
 def validate_on_device(rows: torch.Tensor, mine: torch.Tensor, op: str, what: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -32,6 +33,12 @@ class GroupContext:
     seq: int = 0
     refs: int = 0
     pending: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the group's backend exchanges tensors (CUDA for NCCL, else CPU)."""
+        backend = str(dist.get_backend(self.group)).lower()
+        return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
 
     @property
     def num_nodes(self) -> int:

@@ -11,26 +11,32 @@ returned ``EventOverlap`` holds an event.
 from __future__ import annotations
 
 import socket
+import zlib
 
 import torch
 import torch.distributed as dist
 
-from . import _registry, config, tuning
+from . import _registry, _waits, config, tuning
 from .utils import EventHandle, EventOverlap
 
 _QUANT_MODES = {None: None, "none": "none", "bf16": "none", "int8": "int8"}
 
 
-def _ranks_per_node(group: dist.ProcessGroup) -> int:
-    """Ranks per host, when hosts hold equal contiguous blocks of ranks; else the whole group."""
-    if group.size() == 1:
+def _ranks_per_node(ctx) -> int:
+    """Ranks per host when hosts hold equal contiguous blocks of ranks, else the whole group.
+
+    Host names are exchanged as CRC32 hashes through the group's transport, so a missing peer is a
+    bounded wait with a named peer, like every other exchange.
+    """
+    if ctx.num_ranks == 1:
         return 1
-    hosts: list[str | None] = [None] * group.size()
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    mine = torch.full((ctx.num_ranks, 1), zlib.crc32(socket.gethostname().encode()), dtype=torch.int64)
+    ones = [1] * ctx.num_ranks
+    hosts = _waits.wait(ctx, ctx.transport.all_to_all(mine.to(ctx.device), ones, ones), "Buffer", 0).flatten().tolist()
     per_node = hosts.count(hosts[0])
     blocks = [hosts[i:i + per_node] for i in range(0, len(hosts), per_node)]
     uniform = len(hosts) % per_node == 0 and all(len(set(b)) == 1 for b in blocks)
-    return per_node if uniform and len({b[0] for b in blocks}) == len(blocks) else group.size()
+    return per_node if uniform and len({b[0] for b in blocks}) == len(blocks) else ctx.num_ranks
 
 
 class Buffer:
@@ -79,11 +85,12 @@ class Buffer:
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self._env = config.read_env()
-        self._ctx = _registry.register(group, next(iter(names), None), timeout_s, _ranks_per_node(group))
+        self._ctx = _registry.register(group, next(iter(names), None), timeout_s)
         self._destroyed = False
-        device = "cuda" if "nccl" in str(dist.get_backend(group)) else "cpu"
+        if self._ctx.refs == 1:
+            self._ctx.num_ranks_per_node = _ranks_per_node(self._ctx)
         # Threaded through every op so that communication order is data (see deep_ep_ops._schemas).
-        self._comm_seq = torch.zeros(1, dtype=torch.int64, device=device)
+        self._comm_seq = torch.zeros(1, dtype=torch.int64, device=self._ctx.device)
 
     # --- DeepEP static helpers -----------------------------------------------------------------------
 

@@ -51,16 +51,16 @@ def _expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[
     return _handshake.STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
 
 
-def _run_checks(ctx, op: str, seq: int, cfg_len: int, device, check) -> None:
+def _run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, check) -> None:
     try:
         check()
     except RuntimeError as exc:
-        _handshake.report_failure(ctx, op, seq, str(exc), cfg_len, device)
-        raise
+        _handshake.report_failure(ctx, op, seq, str(exc), cfg_names, device)
+        raise  # only reached if the handshake found nothing, which cannot happen with a failed status
 
 
-def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device) -> torch.Tensor:
-    rows = _handshake.header(ctx, op, seq, cfg, send_counts, status or (0, 0, 0, 0), device)
+def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device, expect_counts=None):
+    rows = _handshake.header(ctx, op, seq, cfg, send_counts, status or (0, 0, 0, 0), device, expect_counts)
     received = _handshake.exchange(ctx, op, seq, rows)
     _handshake.validate(ctx, op, seq, received, cfg_names)
     return _handshake.send_matrix(received)
@@ -100,7 +100,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
              expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "dispatch", seq, len(_DISPATCH_CFG), x.device, lambda: checks.check_dispatch(
+    _run_checks(ctx, "dispatch", seq, _DISPATCH_CFG, x.device, lambda: checks.check_dispatch(
         x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,
         expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type))
     local = num_experts // num_ranks
@@ -168,23 +168,24 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
             _padded(fmt.view(recv, "src_idx").view(n), total, -1), send_head, _next_seq(comm_seq, x))
 
 
-def _check_layout_matches(op: str, matrix: torch.Tensor, rank_prefix_matrix: torch.Tensor) -> None:
-    if not torch.equal(matrix.cumsum(0).to(rank_prefix_matrix.device), rank_prefix_matrix.long()):
-        raise RuntimeError(f"deepep::{op}: expected the handle of the dispatch whose layout the ranks now send, "
-                           f"got a handle whose rank_prefix_matrix differs (a stale handle?)")
+def _handle_rows_status(valid: int, rows: int):
+    """A handle claiming more received rows than there are is corrupt (status for the handshake)."""
+    return None if valid <= rows else (_handshake.STATUS_HANDLE_ROWS, valid, rows, 0)
 
 
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "cached_dispatch", seq, len(_CACHED_CFG), x.device,
+    _run_checks(ctx, "cached_dispatch", seq, _CACHED_CFG, x.device,
                 lambda: checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks))
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
     cfg = [x.shape[1], dtype_code(x.dtype), _width(x_scales), dtype_code(None if x_scales is None else x_scales.dtype),
            _width(topk_weights), _fingerprint(rank_prefix_matrix)]
     send_counts = is_token_in_rank.sum(0)
-    matrix = _handshake_or_raise(ctx, "cached_dispatch", seq, cfg, _CACHED_CFG, send_counts, None, x.device)
-    _check_layout_matches("dispatch", matrix, rank_prefix_matrix)
+    column = rank_prefix_matrix[:, rank].long()
+    expect = torch.diff(column, prepend=column.new_zeros(1))
+    status = _handle_rows_status(int(column[-1]), recv_src_idx.shape[0])
+    matrix = _handshake_or_raise(ctx, "cached_dispatch", seq, cfg, _CACHED_CFG, send_counts, status, x.device, expect)
     dest, token = is_token_in_rank.t().nonzero(as_tuple=True)
     fmt = _payload_format(x, x_scales, -1, _width(topk_weights))
     values = {"x": x[token], "src_idx": token.to(torch.int32)}
@@ -205,15 +206,15 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None
 def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "combine", seq, len(_COMBINE_CFG), x.device,
+    _run_checks(ctx, "combine", seq, _COMBINE_CFG, x.device,
                 lambda: checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks))
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
     column = rank_prefix_matrix[:, rank].long()
     per_source = torch.diff(column, prepend=column.new_zeros(1))
     cfg = [x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix)]
-    matrix = _handshake_or_raise(ctx, "combine", seq, cfg, _COMBINE_CFG, per_source, None, x.device)
-    _check_layout_matches("combine", matrix.t(), rank_prefix_matrix)
     valid = int(column[-1])
+    matrix = _handshake_or_raise(ctx, "combine", seq, cfg, _COMBINE_CFG, per_source,
+                                 _handle_rows_status(valid, x.shape[0]), x.device, is_token_in_rank.sum(0))
     fmt = _payload_format(x, None, -1, _width(topk_weights))
     values = {"x": x[:valid]}
     if topk_weights is not None:

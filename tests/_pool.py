@@ -12,6 +12,7 @@ import datetime
 import os
 import queue
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -70,21 +71,31 @@ class RankPool:
             p.start()
         self._collect("startup", timeout_s=120)
 
-    def _collect(self, what: str, timeout_s: float) -> list:
+    def _collect(self, what: str, timeout_s: float, raise_errors: bool = True) -> list:
         results: list = [None] * self.world_size
         errors: dict[int, str] = {}
         pending = set(range(self.world_size))
+        deadline = time.monotonic() + timeout_s
         while pending:
             try:
-                rank, kind, value = self._outq.get(timeout=timeout_s)
+                rank, kind, value = self._outq.get(timeout=1.0)
             except queue.Empty:
-                self.close()
-                raise TimeoutError(f"{what}: ranks {sorted(pending)} did not finish within {timeout_s:g} s") from None
+                dead = [r for r in pending if not self._procs[r].is_alive()]
+                for r in dead:
+                    pending.discard(r)
+                    errors[r] = f"rank {r} died (exit code {self._procs[r].exitcode})"
+                if time.monotonic() > deadline:
+                    self.close()
+                    raise TimeoutError(f"{what}: ranks {sorted(pending)} did not finish within {timeout_s:g} s") from None
+                continue
             pending.discard(rank)
             if kind == "err":
                 errors[rank] = value
             else:
                 results[rank] = value
+        if errors and not raise_errors:
+            self.close()
+            return [("err", errors[r]) if r in errors else ("ok", results[r]) for r in range(self.world_size)]
         if errors:
             self.close()
             first = min(errors)
@@ -92,13 +103,16 @@ class RankPool:
             raise AssertionError(f"{what} failed on rank {first}{others}:\n{errors[first]}")
         return results
 
-    def run(self, fn, *args, timeout_s: float = RUN_TIMEOUT_S) -> list:
-        """Runs ``fn(rank, world_size, *args)`` on every rank; returns the per-rank results."""
+    def run(self, fn, *args, timeout_s: float = RUN_TIMEOUT_S, raise_errors: bool = True) -> list:
+        """Runs ``fn(rank, world_size, *args)`` on every rank; returns the per-rank results.
+
+        With ``raise_errors=False`` returns ``("ok", result)`` or ``("err", traceback)`` per rank instead.
+        """
         if not self._procs:
             self._start()
         for q in self._inqs:
             q.put((fn, args))
-        return self._collect(f"{fn.__name__}{args}", timeout_s)
+        return self._collect(f"{fn.__name__}{args}", timeout_s, raise_errors)
 
     def close(self) -> None:
         for q in self._inqs:
