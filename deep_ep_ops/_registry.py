@@ -33,6 +33,9 @@ class GroupContext:
     seq: int = 0
     refs: int = 0
     pending: dict[int, Any] = dataclasses.field(default_factory=dict)
+    #: Set to a list to record ``(seq, op, rows)`` of every communicating op as it executes (debugging,
+    #: and the tests that check compiled code keeps the program's communication order).
+    log: list | None = None
 
     @property
     def device(self) -> torch.device:
@@ -44,9 +47,11 @@ class GroupContext:
     def num_nodes(self) -> int:
         return self.num_ranks // self.num_ranks_per_node
 
-    def next_seq(self) -> int:
+    def next_seq(self, op: str, rows: int) -> int:
         """Numbers communicating ops so the handshake can tell when ranks diverge."""
         self.seq += 1
+        if self.log is not None:
+            self.log.append((self.seq, op, rows))
         return self.seq
 
 

@@ -41,7 +41,7 @@ def token_in_rank(rank_of_slot: torch.Tensor, num_ranks: int) -> torch.Tensor:
     column = torch.where(rank_of_slot >= 0, rank_of_slot, torch.full_like(rank_of_slot, num_ranks))
     hit = torch.zeros(n, num_ranks + 1, dtype=torch.bool, device=rank_of_slot.device)
     hit.scatter_(1, column, True)
-    return hit[:, :num_ranks]
+    return hit[:, :num_ranks].contiguous()
 
 
 def get_dispatch_layout(

@@ -99,7 +99,7 @@ def get_dispatch_layout(topk_idx, num_experts, group_name):
 def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, group_name,
              expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1, comm_seq=None):
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    seq, num_ranks, rank = ctx.next_seq("dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
     _run_checks(ctx, "dispatch", seq, _DISPATCH_CFG, x.device, lambda: checks.check_dispatch(
         x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,
         expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type))
@@ -175,7 +175,7 @@ def _handle_rows_status(valid: int, rows: int):
 
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    seq, num_ranks, rank = ctx.next_seq("cached_dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
     _run_checks(ctx, "cached_dispatch", seq, _CACHED_CFG, x.device,
                 lambda: checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks))
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
@@ -205,7 +205,7 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None
 
 def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq(), ctx.num_ranks, ctx.rank
+    seq, num_ranks, rank = ctx.next_seq("combine", x.shape[0]), ctx.num_ranks, ctx.rank
     _run_checks(ctx, "combine", seq, _COMBINE_CFG, x.device,
                 lambda: checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks))
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
@@ -236,6 +236,14 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
 
 # --- autograd: dispatch.backward = combine, combine.backward = cached dispatch ------------------------
 
+def _per_input(ctx, grads: tuple) -> tuple:
+    """One gradient per input *as passed*: the dispatcher drops trailing arguments equal to their
+    defaults before autograd sees them (``setup_context`` gets them filled back in), and autograd
+    checks the structure against what was passed, which ``ctx.needs_input_grad`` mirrors."""
+    passed = len(ctx.needs_input_grad)
+    return grads[:passed] + (None,) * (passed - len(grads))
+
+
 def _handle_from_dispatch(inputs, output) -> list[torch.Tensor]:
     return [output[5], output[6], output[7], output[8], inputs[4], output[9]]
 
@@ -258,8 +266,8 @@ def _backward_dispatch(ctx, grad_recv_x, _gs, _gi, grad_recv_topk_weights, *_res
         # Slots whose expert lives elsewhere were zeroed by dispatch: no gradient from this rank.
         weights = torch.where(recv_topk_idx >= 0, grad_recv_topk_weights, torch.zeros_like(grad_recv_topk_weights))
     grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
-    return (grad_x if ctx.x_grad else None, None, None, grad_w if weights is not None else None,
-            None, None, None, None, None, None, None, None, None)
+    grads = (grad_x if ctx.x_grad else None, None, None, grad_w if weights is not None else None)
+    return _per_input(ctx, grads)
 
 
 def _setup_cached(ctx, inputs, output):
@@ -273,7 +281,8 @@ def _backward_cached(ctx, grad_recv_x, _gs, grad_recv_topk_weights, _gseq):
     handle = list(ctx.saved_tensors)
     weights = grad_recv_topk_weights if ctx.has_weights else None
     grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
-    return grad_x, None, grad_w if ctx.has_weights else None, [None] * ctx.num_handle, None, None
+    grads = (grad_x, None, grad_w if ctx.has_weights else None, [None] * ctx.num_handle, None, None)
+    return _per_input(ctx, grads)
 
 
 def _setup_combine(ctx, inputs, output):
@@ -289,8 +298,9 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_w, _gseq):
     has_w, has_b0, has_b1 = ctx.flags
     w = grad_combined_w if has_w else None
     grad_x, _, grad_w, _ = torch.ops.deepep.dispatch.cached(grad_combined_x, None, w, handle, ctx.group_name)
-    return (grad_x, [None] * ctx.num_handle, grad_w if has_w else None, grad_combined_x if has_b0 else None,
-            grad_combined_x if has_b1 else None, None, None)
+    grads = (grad_x, [None] * ctx.num_handle, grad_w if has_w else None, grad_combined_x if has_b0 else None,
+             grad_combined_x if has_b1 else None, None, None)
+    return _per_input(ctx, grads)
 
 
 for _name, _kernel in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),

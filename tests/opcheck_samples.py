@@ -1,0 +1,47 @@
+"""Sample inputs for ``torch.library.opcheck`` of every ``torch.ops.deepep`` overload, on any group.
+
+Deterministic (seeded) so that every rank of a multi-rank test builds the same shapes and calls the
+same ops in the same order. Differentiable inputs require grad so that the autograd tests run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _routing(num_tokens: int, num_experts: int, num_topk: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(num_tokens, num_experts, generator=g).topk(num_topk, dim=1).indices
+    idx[0, -1] = -1
+    return idx, torch.rand(num_tokens, num_topk, generator=g)
+
+
+def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
+    """``"op.overload"`` → list of argument tuples."""
+    num_experts, hidden = 8, 16
+    idx, w = _routing(6 + rank, num_experts, 2, seed=rank)
+    layout = torch.ops.deepep.get_dispatch_layout(idx, num_experts, group_name)
+    x = torch.randn(idx.shape[0], hidden, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    w = w.requires_grad_()
+    seq = torch.zeros(1, dtype=torch.int64)
+    out = torch.ops.deepep.dispatch(x.detach(), None, idx, w.detach(), layout[3], layout[2], num_experts, group_name)
+    handle = [out[5], out[6], out[7], out[8], layout[3], out[9]]
+    recv_x = out[0].clone().requires_grad_()
+    recv_w = out[3].clone().requires_grad_()
+    worst = torch.ops.deepep.dispatch(x.detach(), None, idx, None, layout[3], layout[2], num_experts, group_name,
+                                      1, 64)
+    worst_handle = [worst[5], worst[6], worst[7], worst[8], layout[3], worst[9]]
+    bias = torch.randn(x.shape[0], hidden, requires_grad=True)
+    return {
+        "get_dispatch_layout.default": [(idx, num_experts, group_name)],
+        "dispatch.default": [
+            (x, None, idx, w, layout[3], layout[2], num_experts, group_name, 2, 0, "none", 1, seq),
+            (x, None, idx, None, layout[3], layout[2], num_experts, group_name, 1, 64, "none", 0),
+            # opcheck sums every output into one accumulator, which fails when the first output is the
+            # int8 recv_x and later ones are float, so this sample has no requires_grad inputs.
+            (x.detach().bfloat16(), None, idx, w.detach(), layout[3], None, num_experts, group_name, 1, 0, "int8"),
+        ],
+        "dispatch.cached": [(x, None, w, handle, group_name, seq), (x, None, None, worst_handle, group_name)],
+        "combine.default": [(recv_x, handle, recv_w, bias, None, group_name, seq),
+                            (worst[0].clone().requires_grad_(), worst_handle, None, None, None, group_name)],
+    }

@@ -1,0 +1,44 @@
+"""Tier 1: ``torch.library.opcheck`` on every op (world-size-1 group) and the schema snapshot."""
+
+import expecttest
+import pytest
+import torch
+
+import deep_ep_ops  # noqa: F401
+from opcheck_samples import samples
+
+UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def all_overloads() -> list[str]:
+    """Every registered ``deepep::`` overload as ``op.overload`` (from the dispatcher, not ``dir``,
+    which only lists ops already touched)."""
+    names = [n.removeprefix("deepep::") for n in torch._C._dispatch_get_all_op_names() if n.startswith("deepep::")]
+    return sorted(n if "." in n else f"{n}.default" for n in names)
+
+
+def overload(name: str):
+    op, overload = name.split(".")
+    return getattr(getattr(torch.ops.deepep, op), overload)
+
+
+def test_every_op_has_opcheck_samples(group1):
+    """A new op without opcheck samples fails here."""
+    assert all_overloads() == sorted(samples(group1))
+
+
+@pytest.mark.parametrize("name", all_overloads())
+def test_opcheck(group1, name):
+    for args in samples(group1)[name]:
+        torch.library.opcheck(overload(name), args, test_utils=UTILS)
+
+
+class TestSchemas(expecttest.TestCase):
+    def test_schema_snapshot(self):
+        """Every schema, so that a change is deliberate (update with EXPECTTEST_ACCEPT=1)."""
+        text = "\n".join(str(overload(name)._schema) for name in all_overloads())
+        self.assertExpectedInline(text, """\
+deepep::combine(Tensor x, Tensor[] handle, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, str group_name, Tensor? comm_seq=None) -> (Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)
+deepep::dispatch.cached(Tensor x, Tensor? x_scales, Tensor? topk_weights, Tensor[] handle, str group_name, Tensor? comm_seq=None) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, Tensor comm_seq_out)
+deepep::dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, Tensor? num_tokens_per_expert, int num_experts, str group_name, int expert_alignment=1, int num_worst_tokens=0, str quant_mode="none", int expert_token_nums_type=1, Tensor? comm_seq=None) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx, Tensor send_head, Tensor comm_seq_out)
+deepep::get_dispatch_layout(Tensor topk_idx, int num_experts, str group_name) -> (Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)""")
