@@ -44,18 +44,10 @@ def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | N
     """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``. ``expect_counts`` (rows this rank
     expects from each peer) is ``-1`` when the receiver learns its counts from the handshake."""
     num_ranks = ctx.num_ranks
-    rows = torch.zeros(num_ranks, _COUNTS + 2 * num_ranks, dtype=torch.int64, device=device)
-    rows[:, 0] = MAGIC
-    rows[:, 1] = OPS.index(op)
-    rows[:, 2] = seq
-    rows[:, _STATUS:_CFG] = torch.tensor(status, dtype=torch.int64)
-    rows[:, _CFG:_CFG + len(cfg)] = torch.tensor(cfg, dtype=torch.int64)
-    if send_counts is not None:
-        rows[:, _COUNTS:_COUNTS + num_ranks] = send_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
-    rows[:, _COUNTS + num_ranks:] = -1
-    if expect_counts is not None:
-        rows[:, _COUNTS + num_ranks:] = expect_counts.to(device=device, dtype=torch.int64).unsqueeze(0)
-    return rows
+    sends = [0] * num_ranks if send_counts is None else send_counts.tolist()
+    expects = [-1] * num_ranks if expect_counts is None else expect_counts.tolist()
+    row = [MAGIC, OPS.index(op), seq, *status, *cfg, *([0] * (NUM_CFG - len(cfg))), *sends, *expects]
+    return torch.tensor([row] * num_ranks, dtype=torch.int64, device=device)
 
 
 def exchange(ctx, op: str, seq: int, rows: torch.Tensor) -> torch.Tensor:

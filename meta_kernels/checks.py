@@ -17,6 +17,8 @@ QUANT_MODES = ("none", "int8")
 
 def expect(cond, op: str, expected: str, got, hint: str | None = None) -> None:
     """``torch._check(cond)`` with the project's message format."""
+    if cond is True:  # the common case, decided without torch._check's symbolic machinery
+        return
     torch._check(cond, lambda: f"deepep::{op}: expected {expected}, got {got}" + (f" ({hint})" if hint else ""))
 
 
