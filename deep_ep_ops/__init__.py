@@ -2,7 +2,7 @@
 
 Layering (imports only go down):
 
-    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal) → transports
+    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal, low_latency) → transports
                                          ↑
                               _schemas (index of ops), meta_kernels (fakes + shared checks)
 
@@ -14,7 +14,7 @@ from . import _schemas  # noqa: F401  (defines torch.ops.deepep.*)
 
 import meta_kernels  # noqa: E402,F401  (fake kernels)
 
-from . import normal  # noqa: E402,F401  (kernels + autograd)
+from . import low_latency, normal  # noqa: E402,F401  (kernels + autograd)
 from .buffer import Buffer  # noqa: E402
 from .tuning import Config  # noqa: E402
 from .utils import EventHandle, EventOverlap  # noqa: E402

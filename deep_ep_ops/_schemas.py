@@ -55,3 +55,31 @@ lib.define(
     "str group_name, Tensor? comm_seq=None) -> "
     "(Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)"
 )
+
+# --- low-latency mode (decode): static shapes, no host sync -------------------------------------------
+
+_LL_DISPATCH_ARGS = (
+    "Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, "
+    "bool use_fp8=True, bool round_scale=False, bool use_ue8m0=False, str quant_mode=\"none\", "
+    "int num_shared_expert_ranks=0, int expert_token_nums_type=1, Tensor? comm_seq=None"
+)
+_LL_DISPATCH_OUT = ("Tensor packed_recv_x, Tensor packed_recv_x_scales, Tensor packed_recv_count, "
+                    "Tensor src_info, Tensor layout_range")
+lib.define(f"low_latency_dispatch({_LL_DISPATCH_ARGS}) -> ({_LL_DISPATCH_OUT}, Tensor comm_seq_out)")
+# return_recv_hook: the send half returns the (not yet filled) outputs and a token; the receive half
+# fills them. The token makes the pair a data dependency.
+lib.define(f"low_latency_dispatch_send({_LL_DISPATCH_ARGS}) -> ({_LL_DISPATCH_OUT}, Tensor recv_token, "
+           "Tensor comm_seq_out)")
+lib.define("low_latency_dispatch_recv(Tensor(a!) packed_recv_x, Tensor(b!) packed_recv_x_scales, "
+           "Tensor(c!) packed_recv_count, Tensor(d!) src_info, Tensor(e!) layout_range, Tensor recv_token, "
+           "str group_name) -> ()")
+
+_LL_COMBINE_ARGS = (
+    "Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info, Tensor layout_range, "
+    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int num_shared_expert_ranks=0, "
+    "Tensor? comm_seq=None"
+)
+lib.define(f"low_latency_combine({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tensor comm_seq_out)")
+lib.define(f"low_latency_combine_send({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tensor recv_token, "
+           "Tensor comm_seq_out)")
+lib.define("low_latency_combine_recv(Tensor(a!) combined_x, Tensor recv_token, str group_name) -> ()")

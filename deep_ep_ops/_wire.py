@@ -50,3 +50,8 @@ class RowFormat:
         if nbytes == 0:
             return torch.empty(rows.shape[0], 0, dtype=dtype, device=rows.device)
         return rows[:, offset:offset + nbytes].view(dtype)
+
+    def field_bytes(self, rows: torch.Tensor, name: str) -> torch.Tensor:
+        """Field ``name`` of ``rows`` as its raw bytes ``[num_rows, nbytes]`` (a view)."""
+        offset, dtype, width = self.fields[name]
+        return rows[:, offset:offset + width * dtype.itemsize]

@@ -101,3 +101,16 @@ def dequant_fp8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     hidden = q.shape[-1]
     blocks = q.float().reshape(*q.shape[:-1], hidden // FP8_BLOCK, FP8_BLOCK)
     return (blocks * scales.unsqueeze(-1)).reshape(q.shape)
+
+
+def low_latency_wire(x: torch.Tensor, use_fp8: bool, round_scale: bool, use_ue8m0: bool, quant_mode: str):
+    """The low-latency wire format of ``x``: ``(data, scales or None)``.
+
+    ``quant_mode="int8"`` gives per-token INT8 with ``scale = amax / 127``; else ``use_fp8`` gives FP8 with
+    per-128-channel scales (``round_scale``/``use_ue8m0`` as in :func:`per_block_fp8`); else ``x`` as is.
+    """
+    if quant_mode == "int8":
+        return per_token_int8(x, eps=0.0)
+    if use_fp8:
+        return per_block_fp8(x, round_scale, use_ue8m0)
+    return x, None

@@ -209,3 +209,112 @@ def combine(x: list[torch.Tensor], dispatched: list[Dispatched], *, topk_weights
                 acc_w = acc_w.index_add(0, toks, topk_weights[r][begin:begin + count])
         out.append((acc.to(x[0].dtype), acc_w))
     return out
+
+
+# --- low-latency mode -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LowLatencyDispatched:
+    """One rank's low-latency dispatch outputs (valid rows only are specified; padding is undefined)."""
+
+    packed_recv_x: torch.Tensor  # [L, R*M, H]
+    packed_recv_x_scales: torch.Tensor | None  # fp8: [L, R*M, H/128] (or int32 [.., H/512]); int8: [L, R*M]
+    packed_recv_count: torch.Tensor  # [L] int32 (prefix sums with expert_token_nums_type=0)
+    src_info: torch.Tensor  # [L, R*M] int32, source token index of each valid row
+    layout_range: torch.Tensor  # [L, R] int64, (begin << 32) | count per source rank
+
+
+def _shared_rank(src_rank: int, token: int, num_shared_expert_ranks: int) -> int:
+    return (src_rank + token) % num_shared_expert_ranks
+
+
+def _experts_of(rank: int, num_experts: int, num_ranks: int, num_shared: int) -> list[int]:
+    """Global ids of a rank's local experts; ``-1`` stands for the shared expert of a shared rank."""
+    if rank < num_shared:
+        return [-1]
+    local = num_experts // (num_ranks - num_shared)
+    first = (rank - num_shared) * local
+    return list(range(first, first + local))
+
+
+def _selects(topk_idx: torch.Tensor, src_rank: int, expert: int, receiver: int, num_shared: int) -> torch.Tensor:
+    """Ascending tokens of ``src_rank`` that send a row to ``expert`` (``-1``: the receiver's shared expert)."""
+    if expert == -1:
+        tokens = torch.arange(topk_idx.shape[0])
+        return tokens[(src_rank + tokens) % num_shared == receiver]
+    return (topk_idx == expert).any(dim=1).nonzero().flatten()
+
+
+def low_latency_dispatch(x: list[torch.Tensor], topk_idx: list[torch.Tensor], num_max_dispatch_tokens_per_rank: int,
+                         num_experts: int, *, use_fp8: bool = True, round_scale: bool = False,
+                         use_ue8m0: bool = False, quant_mode: str = "none", num_shared_expert_ranks: int = 0,
+                         expert_token_nums_type: int = 1) -> list[LowLatencyDispatched]:
+    """Low-latency dispatch (DESIGN §4): one row per (token, distinct selected expert), plus one row per
+    token for the shared expert of rank ``(src_rank + token) % S`` when ``S`` shared ranks exist.
+
+    Rows of a local expert are ordered by source rank, then source token. Every valid row is the sender's
+    quantized token (see ``quant.low_latency_wire``); padding rows are zero here (undefined in the ops).
+    """
+    num_ranks, m = len(x), num_max_dispatch_tokens_per_rank
+    wire = [quant.low_latency_wire(t, use_fp8, round_scale, use_ue8m0, quant_mode) for t in x]
+    out = []
+    for r in range(num_ranks):
+        experts = _experts_of(r, num_experts, num_ranks, num_shared_expert_ranks)
+        data0, scales0 = wire[0]
+        packed = torch.zeros(len(experts), num_ranks * m, data0.shape[1], dtype=data0.dtype)
+        scales = None if scales0 is None else torch.zeros(len(experts), num_ranks * m, *scales0.shape[1:],
+                                                          dtype=scales0.dtype)
+        src_info = torch.full((len(experts), num_ranks * m), -1, dtype=torch.int32)
+        layout_range = torch.zeros(len(experts), num_ranks, dtype=torch.int64)
+        for i, e in enumerate(experts):
+            begin = 0
+            for s in range(num_ranks):
+                toks = _selects(topk_idx[s], s, e, r, num_shared_expert_ranks)
+                n = toks.numel()
+                packed[i, begin:begin + n] = wire[s][0][toks]
+                if scales is not None:
+                    scales[i, begin:begin + n] = wire[s][1][toks]
+                src_info[i, begin:begin + n] = toks.to(torch.int32)
+                layout_range[i, s] = (begin << 32) | n
+                begin += n
+        counts = (layout_range & 0xFFFFFFFF).sum(dim=1).to(torch.int32)
+        out.append(LowLatencyDispatched(packed, scales, expert_counts_output(counts, expert_token_nums_type),
+                                        src_info, layout_range))
+    return out
+
+
+def low_latency_combine(x: list[torch.Tensor], topk_idx: list[torch.Tensor], topk_weights: list[torch.Tensor],
+                        dispatched: list[LowLatencyDispatched], num_experts: int,
+                        num_shared_expert_ranks: int = 0) -> list[torch.Tensor]:
+    """Low-latency combine: ``combined_x[t] = round(Σ_k w[t,k] · row(t, k) + shared_row(t))``, fp32.
+
+    ``row(t, k)`` is the expert output at the packed position dispatch gave (token ``t``, expert
+    ``topk_idx[t, k]``); ``-1`` slots contribute nothing, duplicate ids re-use the same row, and the shared
+    expert's row (when ``S > 0``) is added with weight 1.
+    """
+    num_ranks = len(x)
+    s_ranks = num_shared_expert_ranks
+    local = num_experts // (num_ranks - s_ranks)
+
+    def row(receiver: int, i: int, src: int, token: int) -> torch.Tensor:
+        d = dispatched[receiver]
+        begin, count = int(d.layout_range[i, src]) >> 32, int(d.layout_range[i, src]) & 0xFFFFFFFF
+        block = d.src_info[i, begin:begin + count].tolist()
+        return x[receiver][i, begin + block.index(token)].float()
+
+    out = []
+    for s in range(num_ranks):
+        n, hidden = topk_idx[s].shape[0], x[-1].shape[-1]
+        rows = torch.zeros(n, topk_idx[s].shape[1], hidden)
+        shared = torch.zeros(n, hidden)
+        for t in range(n):
+            for k, e in enumerate(topk_idx[s][t].tolist()):
+                if e >= 0:
+                    rows[t, k] = row(s_ranks + e // local, e % local, s, t)
+            if s_ranks:
+                shared[t] = row(_shared_rank(s, t, s_ranks), 0, s, t)
+        acc = (topk_weights[s].unsqueeze(-1) * rows).sum(dim=1)
+        if s_ranks:
+            acc = acc + shared
+        out.append(acc.to(x[0].dtype))
+    return out

@@ -151,3 +151,46 @@ def check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks: int) -> No
             for dim, size in ((0, num_tokens), (1, x.shape[1])):
                 expect(bias.shape[dim] == size, op, f"{name} of shape [num_tokens, hidden] = "
                        f"[{num_tokens}, {x.shape[1]}]", f"shape {_shape(bias)}")
+
+
+def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks: int, use_fp8: bool,
+                               round_scale: bool, use_ue8m0: bool, quant_mode: str, num_shared: int,
+                               expert_token_nums_type: int) -> None:
+    op = "low_latency_dispatch"
+    check_tensor(x, op, "x", 2, FLOAT_DTYPES)
+    check_topk(op, topk_idx, None, x.shape[0], x.device)
+    expect(topk_idx is not None, op, "topk_idx", None)
+    expect(m >= 1, op, "num_max_dispatch_tokens_per_rank >= 1", m)
+    expect(x.shape[0] <= m, op, f"num_tokens <= num_max_dispatch_tokens_per_rank = {m}", x.shape[0])
+    expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
+    check_num_experts(op, num_experts, num_ranks - num_shared)
+    expect(quant_mode in QUANT_MODES, op, f"quant_mode in {list(QUANT_MODES)}", repr(quant_mode))
+    if use_fp8 and quant_mode != "int8":
+        block = 512 if use_ue8m0 else 128
+        expect(x.shape[1] % block == 0, op, f"hidden divisible by {block} for FP8"
+               + (" with use_ue8m0" if use_ue8m0 else ""), x.shape[1])
+        expect(round_scale or not use_ue8m0, op, "round_scale=True with use_ue8m0=True", "round_scale=False")
+    expect(expert_token_nums_type in (0, 1), op, "expert_token_nums_type (MOE_EXPERT_TOKEN_NUMS_TYPE) in [0, 1]",
+           expert_token_nums_type)
+
+
+def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m: int, num_experts: int,
+                              num_ranks: int, rank: int, num_shared: int) -> None:
+    from deep_ep_ops.layout import num_local_experts
+
+    op = "low_latency_combine"
+    expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
+    check_num_experts(op, num_experts, num_ranks - num_shared)
+    local = num_local_experts(num_experts, num_ranks, rank, num_shared)
+    check_tensor(x, op, "x", 3, FLOAT_DTYPES)
+    expect(_shape(x)[:2] == [local, num_ranks * m], op,
+           f"x of shape [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] = "
+           f"[{local}, {num_ranks * m}, hidden]", f"shape {_shape(x)}")
+    check_topk(op, topk_idx, topk_weights, topk_idx.shape[0] if topk_idx is not None else 0, x.device,
+               weights_required=True)
+    expect(topk_idx.shape[0] <= m, op, f"num_tokens <= num_max_dispatch_tokens_per_rank = {m}", topk_idx.shape[0])
+    check_tensor(src_info, op, "handle[0] (src_info)", 2, torch.int32, x.device)
+    check_tensor(layout_range, op, "handle[1] (layout_range)", 2, torch.int64, x.device)
+    expect(_shape(src_info) == [local, num_ranks * m] and _shape(layout_range) == [local, num_ranks], op,
+           f"a handle with src_info [{local}, {num_ranks * m}] and layout_range [{local}, {num_ranks}]",
+           f"{_shape(src_info)} and {_shape(layout_range)}", hint="a handle from another dispatch?")
