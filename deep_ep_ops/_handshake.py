@@ -47,7 +47,14 @@ def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | N
     sends = [0] * num_ranks if send_counts is None else send_counts.tolist()
     expects = [-1] * num_ranks if expect_counts is None else expect_counts.tolist()
     row = [MAGIC, OPS.index(op), seq, *status, *cfg, *([0] * (NUM_CFG - len(cfg))), *sends, *expects]
-    return torch.tensor([row] * num_ranks, dtype=torch.int64, device=device)
+    if torch.device(device).type == "cpu":
+        return torch.tensor([row] * num_ranks, dtype=torch.int64)
+    # On accelerators: fills with scalar arguments, not a host-to-device copy, so that graphs can capture it.
+    rows = torch.zeros(num_ranks, len(row), dtype=torch.int64, device=device)
+    for j, value in enumerate(row):
+        if value:
+            rows[:, j].fill_(value)
+    return rows
 
 
 def exchange(ctx, op: str, seq: int, rows: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,9 @@ def send_plan(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: in
     starts = torch.cumsum(per_dest, 0) - per_dest
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=device) - starts[dest_or_end[order]]
-    offsets = torch.tensor([0] + caps, device=device).cumsum(0)
+    # Chunk starts from arange arithmetic (no host-to-device copy, so the plan can be graph-captured).
+    d = torch.arange(num_ranks + 1, device=device)
+    offsets = m * torch.clamp(d, max=num_shared) + caps[-1] * torch.clamp(d - num_shared, min=0)
     slot = torch.where(entry, offsets[dest.clamp(min=0)] + pos.view(dest.shape), total)
     dup = valid & ~is_first
     routed = torch.where(dup, slot[:, :k].gather(1, first), slot[:, :k])
@@ -117,6 +119,7 @@ class _Dispatch:
     cap: int
     seq: int
     expert_token_nums_type: int
+    received: torch.Tensor | None = None
 
 
 def alloc_dispatch_outputs(x, num_local: int, num_ranks: int, m: int, fmt_name: str, use_ue8m0: bool):
@@ -170,6 +173,13 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale,
     return _Dispatch(pending, fmt, num_local, cap, seq, expert_token_nums_type)
 
 
+def _received(ctx, state, op: str) -> torch.Tensor:
+    """The exchanged bytes of ``state``, waited for once (a receive half may run again, e.g. in opcheck)."""
+    if state.received is None:
+        state.received = _waits.wait(ctx, state.pending, op, state.seq)
+    return state.received
+
+
 def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """``out.view(-1, row)[index] = rows`` on byte views (no float8 kernels needed); ``out`` is
     ``[L, R*M, ...]`` and ``rows`` uint8 ``[n, bytes per row]``."""
@@ -179,7 +189,7 @@ def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) ->
 def dispatch_recv(ctx, state: _Dispatch, outputs) -> None:
     """Waits for the exchange and fills ``outputs`` (see :func:`alloc_dispatch_outputs`)."""
     packed, packed_scales, count, src_info, layout_range = outputs
-    recv = _waits.wait(ctx, state.pending, "low_latency_dispatch", state.seq)
+    recv = _received(ctx, state, "low_latency_dispatch")
     fmt, num_local, num_ranks = state.fmt, state.num_local, ctx.num_ranks
     rows = packed.shape[1]
     device = recv.device
@@ -234,6 +244,7 @@ class _Combine:
     topk_weights: torch.Tensor
     dtype: torch.dtype
     seq: int
+    received: torch.Tensor | None = None
 
 
 def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
@@ -265,7 +276,7 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
 
 def combine_recv(ctx, state: _Combine, out: torch.Tensor) -> None:
     """Waits for the expert outputs and writes the weighted sum into ``out`` ``[N, H]``."""
-    recv = _waits.wait(ctx, state.pending, "low_latency_combine", state.seq).view(state.dtype)
+    recv = _received(ctx, state, "low_latency_combine").view(state.dtype)
     plan, k = state.plan, state.topk_weights.shape[1]
     slot = plan.slot
     valid = (slot < plan.total).unsqueeze(-1)
@@ -296,11 +307,11 @@ def _hold(ctx, state) -> torch.Tensor:
     return token
 
 
-def _release(ctx, token: torch.Tensor, op: str):
-    state = ctx.pending.pop(token.data_ptr(), None)
+def _claim(ctx, token: torch.Tensor, op: str):
+    state = ctx.pending.get(token.data_ptr())
     if state is None:
-        raise RuntimeError(f"deepep::{op}: expected the recv_token of a send still in flight, got one whose "
-                           f"receive already completed (a hook called twice?)")
+        raise RuntimeError(f"deepep::{op}: expected the recv_token returned by a send on group "
+                           f"{ctx.group_name!r}, got an unknown one (was clean_low_latency_buffer called?)")
     return state
 
 
@@ -318,7 +329,7 @@ def low_latency_dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num
 def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_count, src_info, layout_range,
                               recv_token, group_name) -> None:
     ctx = _registry.get(group_name)
-    state = _release(ctx, recv_token, "low_latency_dispatch_recv")
+    state = _claim(ctx, recv_token, "low_latency_dispatch_recv")
     dispatch_recv(ctx, state, (packed_recv_x, packed_recv_x_scales, packed_recv_count, src_info, layout_range))
 
 
@@ -332,7 +343,7 @@ def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, 
 
 def low_latency_combine_recv(combined_x, recv_token, group_name) -> None:
     ctx = _registry.get(group_name)
-    combine_recv(ctx, _release(ctx, recv_token, "low_latency_combine_recv"), combined_x)
+    combine_recv(ctx, _claim(ctx, recv_token, "low_latency_combine_recv"), combined_x)
 
 
 def drain(group_name: str) -> int:
@@ -341,7 +352,7 @@ def drain(group_name: str) -> int:
     states = list(ctx.pending.values())
     ctx.pending.clear()
     for state in states:
-        _waits.wait(ctx, state.pending, "clean_low_latency_buffer", state.seq)
+        _received(ctx, state, "clean_low_latency_buffer")
     return len(states)
 
 

@@ -60,7 +60,7 @@ def unpack_ue8m0(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_ue8m0`: int32 ``[..., P]`` to float32 scales ``[..., 4 * P]``."""
     shifts = torch.arange(4, device=packed.device, dtype=torch.int32) * 8
     exponent = (packed.unsqueeze(-1) >> shifts) & 0xFF
-    return (exponent << 23).view(torch.float32).reshape(*packed.shape[:-1], -1)
+    return (exponent << 23).view(torch.float32).reshape(*packed.shape[:-1], packed.shape[-1] * 4)
 
 
 def per_block_fp8(
