@@ -299,16 +299,16 @@ def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, num_m
 # --- return_recv_hook: send and receive halves ---------------------------------------------------------
 
 def _hold(ctx, state) -> torch.Tensor:
-    """A token standing for an exchange in flight; the state is dropped when the token dies."""
-    token = torch.zeros(1, dtype=torch.int64)
-    key = token.data_ptr()
-    ctx.pending[key] = state
-    weakref.finalize(token, ctx.pending.pop, key, None)
+    """A token for an exchange in flight: a CPU ``[1]`` int64 holding the op's sequence number (reading it
+    is never a device sync, and clones of it work). The state is dropped when the token dies."""
+    token = torch.tensor([state.seq], dtype=torch.int64)
+    ctx.pending[state.seq] = state
+    weakref.finalize(token, ctx.pending.pop, state.seq, None)
     return token
 
 
 def _claim(ctx, token: torch.Tensor, op: str):
-    state = ctx.pending.get(token.data_ptr())
+    state = ctx.pending.get(int(token.item()))
     if state is None:
         raise RuntimeError(f"deepep::{op}: expected the recv_token returned by a send on group "
                            f"{ctx.group_name!r}, got an unknown one (was clean_low_latency_buffer called?)")

@@ -168,10 +168,10 @@ def opcheck_all(rank: int, world: int) -> dict[str, list[dict]]:
     failing rank does not leave its peers waiting in a collective."""
     from opcheck_samples import samples
 
-    from test_opcheck import UTILS, overload
+    from test_opcheck import overload, utils_for
 
     results: dict[str, list[dict]] = {}
     for name, arg_list in sorted(samples(dist.group.WORLD.group_name, rank).items()):
         results[name] = [{k: str(v) for k, v in torch.library.opcheck(
-            overload(name), args, test_utils=UTILS, raise_exception=False).items()} for args in arg_list]
+            overload(name), args, test_utils=utils_for(name), raise_exception=False).items()} for args in arg_list]
     return results

@@ -164,3 +164,45 @@ def bad_input(rank: int, world: int, kind: str) -> str:
     finally:
         buf.destroy()
     return "no error"
+
+
+def decode_loop(rank: int, world: int, backend: str, fmt: str, hook: bool, steps: int = 10) -> dict:
+    """gate → LL dispatch → SwiGLU experts on the packed [L, R*M, H] layout → LL combine, written against
+    the Buffer and compiled with fullgraph=True; ``steps`` steps of new routing must reuse one graph."""
+    from cases_compile import _close, _counting
+
+    m, hidden, inter, num_experts, topk = 8, 256, 64, 8, 2
+    local = num_experts // world
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(hidden, num_experts, generator=g) * hidden ** -0.5
+    w1 = (torch.randn(num_experts, hidden, 2 * inter, generator=g) * hidden ** -0.5)[rank * local:(rank + 1) * local]
+    w2 = (torch.randn(num_experts, inter, hidden, generator=g) * inter ** -0.5)[rank * local:(rank + 1) * local]
+    buf = Buffer(dist.group.WORLD, low_latency_mode=True, timeout_s=120)
+    kw = wire_kwargs(fmt)
+
+    def step(x):
+        weights, idx = (x.float() @ gate).softmax(dim=-1).topk(topk, dim=-1)
+        recv_x, count, handle, _, recv_hook = buf.low_latency_dispatch(x, idx, m, num_experts,
+                                                                       return_recv_hook=hook, **kw)
+        if hook:
+            recv_hook()
+        packed = dequant(*recv_x) if isinstance(recv_x, tuple) else recv_x.float()
+        gate_h, up = torch.bmm(packed, w1).chunk(2, dim=-1)
+        y = torch.bmm(torch.nn.functional.silu(gate_h) * up, w2).to(torch.bfloat16)
+        out, _, combine_hook = buf.low_latency_combine(y, idx, weights, handle, return_recv_hook=hook)
+        if hook:
+            combine_hook()
+        return out
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compile_fn, calls = _counting(backend)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        compiled = torch.compile(step, fullgraph=True, backend=compile_fn)
+        try:
+            for s in range(steps):
+                x = torch.randn(6, hidden, generator=torch.Generator().manual_seed(100 * s + rank)).bfloat16()
+                _close(f"step {s}", compiled(x).float(), step(x).float(), tol=2e-2)
+        finally:
+            buf.destroy()
+    return {"compiles": len(calls), "graph_breaks": sum(torch._dynamo.utils.counters["graph_break"].values())}

@@ -7,6 +7,7 @@ same ops in the same order. Differentiable inputs require grad so that the autog
 from __future__ import annotations
 
 import torch
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 
 def _routing(num_tokens: int, num_experts: int, num_topk: int, seed: int):
@@ -32,7 +33,8 @@ def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
                                       1, 64)
     worst_handle = [worst[5], worst[6], worst[7], worst[8], layout[3], worst[9]]
     bias = torch.randn(x.shape[0], hidden, requires_grad=True)
-    return {
+    ll = _low_latency_samples(group_name, rank)
+    return {**ll,
         "get_dispatch_layout.default": [(idx, num_experts, group_name)],
         "dispatch.default": [
             (x, None, idx, w, layout[3], layout[2], num_experts, group_name, 2, 0, "none", 1, seq),
@@ -44,4 +46,39 @@ def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
         "dispatch.cached": [(x, None, w, handle, group_name, seq), (x, None, None, worst_handle, group_name)],
         "combine.default": [(recv_x, handle, recv_w, bias, None, group_name, seq),
                             (worst[0].clone().requires_grad_(), worst_handle, None, None, None, group_name)],
+    }
+
+
+def _low_latency_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
+    """Low-latency ops are inference-only: no input requires grad.
+
+    Their padding rows are undefined, as in DeepEP, so these samples fill every slot (every token selects
+    every expert and ``num_tokens == M``): then every output element is defined and opcheck can compare
+    eager with compiled outputs. Padding, ``-1`` slots and the other semantics are tier-2 tests.
+    """
+    num_ranks = _resolve_process_group(group_name).size()
+    m, hidden = 4, 512
+    num_experts = 2 * num_ranks
+    g = torch.Generator().manual_seed(10 + rank)
+    idx = torch.stack([torch.randperm(num_experts, generator=g) for _ in range(m)])
+    w = torch.rand(m, num_experts, generator=g)
+    x = torch.randn(m, hidden, generator=g).bfloat16()
+    seq = torch.zeros(1, dtype=torch.int64)
+    out = torch.ops.deepep.low_latency_dispatch(x, idx, m, num_experts, group_name, False)
+    y = torch.randn(out[0].shape, generator=g).bfloat16()
+    sent = torch.ops.deepep.low_latency_dispatch_send(x, idx, m, num_experts, group_name, False)
+    comb_sent = torch.ops.deepep.low_latency_combine_send(y, idx, w, out[3], out[4], m, num_experts, group_name)
+    return {
+        "low_latency_dispatch.default": [
+            (x, idx, m, num_experts, group_name, False),
+            (x, idx, m, num_experts, group_name, True, False, False, "none", 0, 1, seq),
+            (x, idx, m, num_experts, group_name, True, True, True, "none", 0, 0),
+            (x, idx, m, num_experts, group_name, False, False, False, "int8"),
+        ],
+        "low_latency_dispatch_send.default": [(x, idx, m, num_experts, group_name, True, False, False, "none", 0, 1,
+                                               seq)],
+        "low_latency_dispatch_recv.default": [(*[t.clone() for t in sent[:5]], sent[5], group_name)],
+        "low_latency_combine.default": [(y, idx, w, out[3], out[4], m, num_experts, group_name, 0, seq)],
+        "low_latency_combine_send.default": [(y, idx, w, out[3], out[4], m, num_experts, group_name)],
+        "low_latency_combine_recv.default": [(comb_sent[0].clone(), comb_sent[1], group_name)],
     }
