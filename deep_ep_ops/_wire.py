@@ -17,6 +17,31 @@ def dtype_code(dtype: torch.dtype | None) -> int:
     return -1 if dtype is None else DTYPES.index(dtype)
 
 
+def words(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` ``[n, ...]`` (any dtype, last dim contiguous) viewed as the widest integer words that fit.
+
+    Row copies (``index_select``/``index_copy_``) cost per element on CPU: moving 14 KB rows as int64
+    is about 7x faster than as bytes, and ``index_select`` about 20x faster than advanced indexing.
+    """
+    b = rows.reshape(rows.shape[0], -1) if rows.dim() != 2 else rows
+    b = b.view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if b.shape[1] % size == 0 and b.storage_offset() % size == 0 and b.stride(0) % size == 0:
+            return b.view(dtype)
+    return b
+
+
+def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``rows[index]`` as uint8 ``[len(index), row bytes]``, via the fast word-wise ``index_select``."""
+    return words(rows).index_select(0, index).view(torch.uint8)
+
+
+def put_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``out[index] = rows`` for a 2-D ``out`` of any dtype and ``rows`` of the same bytes per row."""
+    words(out).index_copy_(0, index, words(rows))
+
+
 def _align8(n: int) -> int:
     return (n + 7) // 8 * 8
 
@@ -32,10 +57,10 @@ class RowFormat:
             offset += _align8(width * dtype.itemsize)
         self.row_bytes = max(offset, 8)
 
-    def pack(self, num_rows: int, device, **values: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[num_rows, row_bytes]`` holding ``values[name]`` (each ``[num_rows, width]`` or
-        ``[num_rows]``) in its field; fields not given are left unset."""
-        rows = torch.empty(num_rows, self.row_bytes, dtype=torch.uint8, device=device)
+    def pack(self, num_rows: int, device, out: torch.Tensor | None = None, **values: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[num_rows, row_bytes]`` (``out`` if given) holding ``values[name]`` (each
+        ``[num_rows, width]`` or ``[num_rows]``) in its field; fields not given are left unset."""
+        rows = torch.empty(num_rows, self.row_bytes, dtype=torch.uint8, device=device) if out is None else out
         for name, value in values.items():
             offset, dtype, width = self.fields[name]
             nbytes = width * dtype.itemsize

@@ -24,7 +24,7 @@ from meta_kernels import checks
 
 from . import _handshake, _registry, _waits, layout, quant
 from ._schemas import lib
-from ._wire import RowFormat, dtype_code
+from ._wire import RowFormat, dtype_code, put_rows, take_rows
 
 MAX_IN_FLIGHT = 2  # DeepEP's double buffer: at most two receives outstanding per group
 _CFG = ["num_max_dispatch_tokens_per_rank", "num_experts", "hidden", "num_topk", "num_shared_expert_ranks",
@@ -157,19 +157,21 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale,
     fmt = RowFormat(fields + [("meta", torch.int32, 2)])
     plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
     n, cols = plan.slot.shape
+    # One packed row per token plus an all-zero row for empty slots; the send buffer is then a single
+    # gather through the inverse of the plan, and only the per-slot meta differs between copies.
+    token_rows = torch.zeros(n + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
+    fmt.pack(n, x.device, out=token_rows[:n], x=data, **({"scales": scales} if scales is not None else {}))
+    slots = plan.slot.flatten()
     token = torch.arange(n, device=x.device).repeat_interleave(cols)
-    # Gathers run on byte views: CPU has no float8 indexing kernels.
-    values = {"x": data.view(torch.uint8)[token],
-              "meta": torch.stack([plan.local.flatten(), token], dim=1).to(torch.int32)}
-    if scales is not None:
-        values["scales"] = scales[token]
-    buf = torch.empty(plan.total + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
-    meta_offset = fmt.fields["meta"][0]
-    buf[:, meta_offset:meta_offset + 8] = 0xFF  # every slot starts as "no row" (local expert -1)
-    buf.index_copy_(0, plan.slot.flatten(), fmt.pack(n * cols, x.device, **values))
+    source = torch.full((plan.total + 1,), n, dtype=torch.int64, device=x.device)
+    source.index_copy_(0, slots, token)
+    meta = torch.full((plan.total + 1, 2), -1, dtype=torch.int32, device=x.device)
+    meta.index_copy_(0, slots, torch.stack([plan.local.flatten(), token], dim=1).to(torch.int32))
+    send = take_rows(token_rows, source[:plan.total])
+    fmt.field_bytes(send, "meta").copy_(meta[:plan.total].view(torch.uint8))
     num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
-    pending = ctx.transport.all_to_all(buf[:plan.total], plan.caps, [cap] * num_ranks)
+    pending = ctx.transport.all_to_all(send, plan.caps, [cap] * num_ranks)
     return _Dispatch(pending, fmt, num_local, cap, seq, expert_token_nums_type)
 
 
@@ -178,12 +180,6 @@ def _received(ctx, state, op: str) -> torch.Tensor:
     if state.received is None:
         state.received = _waits.wait(ctx, state.pending, op, state.seq)
     return state.received
-
-
-def _scatter_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """``out.view(-1, row)[index] = rows`` on byte views (no float8 kernels needed); ``out`` is
-    ``[L, R*M, ...]`` and ``rows`` uint8 ``[n, bytes per row]``."""
-    out.view(torch.uint8).view(out.shape[0] * out.shape[1], -1).index_copy_(0, index, rows)
 
 
 def dispatch_recv(ctx, state: _Dispatch, outputs) -> None:
@@ -215,9 +211,10 @@ def dispatch_recv(ctx, state: _Dispatch, outputs) -> None:
     pad_expert = torch.searchsorted(free_end, q, right=True).clamp(max=num_local - 1)
     pad_row = per_expert[pad_expert] + q - (free_end - free)[pad_expert]
     dest = torch.where(valid, expert.clamp(min=0) * rows + pos, pad_expert * rows + pad_row)
-    _scatter_rows(packed, dest, fmt.field_bytes(recv, "x"))
+    # Byte-wise row copies: no float8 kernels needed, and word-sized moves are fast.
+    put_rows(packed.view(num_local * rows, -1), dest, fmt.field_bytes(recv, "x"))
     if "scales" in fmt.fields:
-        _scatter_rows(packed_scales, dest, fmt.field_bytes(recv, "scales"))
+        put_rows(packed_scales.view(num_local * rows, -1), dest, fmt.field_bytes(recv, "scales"))
     src_info.fill_(-1)
     src_info.view(-1).index_copy_(0, dest, torch.where(valid, token, -1))
     begin = torch.cumsum(counts, 1) - counts
@@ -268,7 +265,7 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
     expert = expert.clamp(max=num_local - 1)
     offset = j - (cum - counts).gather(1, expert)
     flat = torch.where(valid, expert * rows + begin.gather(1, expert) + offset, 0)
-    send = x.reshape(num_local * rows, hidden)[flat.flatten()].contiguous().view(torch.uint8)
+    send = take_rows(x.reshape(num_local * rows, hidden), flat.flatten())
     plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
     pending = ctx.transport.all_to_all(send, [cap] * num_ranks, plan.caps)
     return _Combine(pending, plan, topk_weights, x.dtype, seq)
@@ -280,7 +277,8 @@ def combine_recv(ctx, state: _Combine, out: torch.Tensor) -> None:
     plan, k = state.plan, state.topk_weights.shape[1]
     slot = plan.slot
     valid = (slot < plan.total).unsqueeze(-1)
-    rows = torch.where(valid, recv[slot.clamp(max=plan.total - 1)].float(), 0.0)
+    gathered = take_rows(recv, slot.clamp(max=plan.total - 1).flatten()).view(state.dtype)
+    rows = torch.where(valid, gathered.view(*slot.shape, recv.shape[1]).float(), 0.0)
     acc = (state.topk_weights.unsqueeze(-1) * rows[:, :k]).sum(dim=1)
     if slot.shape[1] > k:
         acc = acc + rows[:, k]
