@@ -33,7 +33,10 @@ def words(rows: torch.Tensor) -> torch.Tensor:
 
 
 def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows[index]`` as uint8 ``[len(index), row bytes]``, via the fast word-wise ``index_select``."""
+    """``rows[index]`` as uint8 ``[len(index), row bytes]``, via the fast word-wise ``index_select``.
+    Rows that are not contiguous (e.g. column-major FP8 scales) are made so first."""
+    if rows.dim() > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
     return words(rows).index_select(0, index).view(torch.uint8)
 
 

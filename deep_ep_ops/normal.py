@@ -15,7 +15,7 @@ from meta_kernels import checks
 
 from . import _handshake, _registry, _waits, layout, quant
 from ._schemas import lib
-from ._wire import RowFormat, dtype_code
+from ._wire import RowFormat, dtype_code, take_rows
 
 _DISPATCH_CFG = ["num_experts", "hidden", "x dtype", "x_scales columns", "x_scales dtype", "quant_mode",
                  "num_topk (topk_idx)", "num_topk (topk_weights)", "num_worst_tokens"]
@@ -66,24 +66,45 @@ def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, devic
     return _handshake.send_matrix(received)
 
 
-def _exchange(ctx, op: str, seq: int, send: torch.Tensor, send_counts, recv_counts) -> torch.Tensor:
-    pending = ctx.transport.all_to_all(send, send_counts.tolist(), recv_counts.tolist())
-    return _waits.wait(ctx, pending, op, seq)
+def _exchange(ctx, op: str, seq: int, payload: torch.Tensor, meta: list, send_counts, recv_counts):
+    """Sends gathered payload rows as they are, with the small per-row metadata packed alongside.
+
+    Two exchanges in flight together: the payload's gathered rows are the send buffer themselves and
+    the received buffer becomes the output, so no pack or unpack pass touches the payload. ``meta`` is
+    a list of ``(name, dtype, width, rows)``.
+
+    Returns:
+        ``(received payload rows, metadata RowFormat, received metadata rows)``.
+    """
+    sends, recvs = send_counts.tolist(), recv_counts.tolist()
+    pending = ctx.transport.all_to_all(payload, sends, recvs)
+    fmt = RowFormat([(name, dtype, width) for name, dtype, width, _ in meta])
+    meta_pending = None
+    if meta:
+        packed = fmt.pack(payload.shape[0], payload.device, **{name: rows for name, _, _, rows in meta})
+        meta_pending = ctx.transport.all_to_all(packed, sends, recvs)
+    received = _waits.wait(ctx, pending, op, seq)
+    return received, fmt, None if meta_pending is None else _waits.wait(ctx, meta_pending, op, seq)
 
 
 def _padded(rows: torch.Tensor, total: int, fill) -> torch.Tensor:
+    """``rows`` padded with ``fill`` to ``total`` rows, as a fresh contiguous tensor."""
     out = rows.new_full((total, *rows.shape[1:]), fill) if total > rows.shape[0] else rows.new_empty(rows.shape)
     out[:rows.shape[0]] = rows
     return out
 
 
-def _payload_format(x, scales, topk_width: int, weights_width: int) -> RowFormat:
-    fields = [("x", x.dtype, x.shape[1])]
-    if scales is not None:
-        fields.append(("scales", scales.dtype, 1 if scales.dim() == 1 else scales.shape[1]))
-    fields += [("topk_idx", torch.int64, max(topk_width, 0)), ("topk_weights", torch.float32, max(weights_width, 0)),
-               ("src_idx", torch.int32, 1)]
-    return RowFormat(fields)
+def _payload_out(recv: torch.Tensor, dtype: torch.dtype, total: int) -> torch.Tensor:
+    """The received payload as the output: the exchange's own fresh buffer, copied only to pad it."""
+    rows = recv.view(dtype)
+    return rows if total == rows.shape[0] else _padded(rows, total, 0)
+
+
+def _meta(fields: list, token: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Appends ``(name, dtype, width, gathered rows)`` for each tensor given."""
+    for name, t in tensors.items():
+        if t is not None:
+            fields.append((name, t.dtype, 1 if t.dim() == 1 else t.shape[1], take_rows(t, token)))
 
 
 def get_dispatch_layout(topk_idx, num_experts, group_name):
@@ -123,49 +144,42 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
         raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
                            f"per rank, got {int(recv_totals[r])} on rank {r}")
 
-    dest, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
-    fmt = _payload_format(data, scales, _width(topk_idx), _width(topk_weights))
-    values = {"x": data[token], "src_idx": token.to(torch.int32)}
-    if scales is not None:
-        values["scales"] = scales[token]
-    if topk_idx is not None:
-        values["topk_idx"] = topk_idx[token]
-    if topk_weights is not None:
-        values["topk_weights"] = topk_weights[token]
-    recv = _exchange(ctx, "dispatch", seq, fmt.pack(token.numel(), x.device, **values), send_counts, matrix[:, rank])
+    _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
+    meta = [("src_idx", torch.int32, 1, token.to(torch.int32))]
+    _meta(meta, token, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights)
+    recv, fmt, recv_meta = _exchange(ctx, "dispatch", seq, take_rows(data, token), meta, send_counts, matrix[:, rank])
 
     n = recv.shape[0]
     total = max(n, num_worst_tokens)
-    recv_x = _padded(fmt.view(recv, "x"), total, 0)
+    recv_x = _payload_out(recv, data.dtype, total)
     if scales is None:
         recv_x_scales = x.new_empty((total, 0), dtype=torch.float32)
     else:
-        recv_x_scales = _padded(fmt.view(recv, "scales"), total, 0)
+        recv_x_scales = _padded(fmt.view(recv_meta, "scales"), total, 0)
         if scales.dim() == 1:
             recv_x_scales = recv_x_scales.view(total)
     recv_topk_idx = torch.empty(total, 0, dtype=torch.int64, device=x.device)
     recv_topk_weights = torch.empty(total, 0, dtype=torch.float32, device=x.device)
     if topk_idx is not None:
-        ids = fmt.view(recv, "topk_idx")
+        ids = fmt.view(recv_meta, "topk_idx")
         mine = (ids >= rank * local) & (ids < (rank + 1) * local)
         local_ids = torch.where(mine, ids - rank * local, torch.full_like(ids, -1))
         recv_topk_idx = _padded(local_ids, total, -1)
         counts = layout.token_in_rank(local_ids, local).sum(0, dtype=torch.int32)
         if topk_weights is not None:
-            w = fmt.view(recv, "topk_weights")
+            w = fmt.view(recv_meta, "topk_weights")
             recv_topk_weights = _padded(torch.where(mine, w, torch.zeros_like(w)), total, 0)
     else:
-        mine = num_tokens_per_expert.view(num_ranks, local).to(torch.int64)
-        ones = torch.ones(num_ranks, dtype=torch.int64)
-        counts = _exchange(ctx, "dispatch", seq, mine, ones, ones).sum(0)
-        counts = counts.to(torch.int32)
+        ones = [1] * num_ranks
+        pending = ctx.transport.all_to_all(num_tokens_per_expert.view(num_ranks, local).long(), ones, ones)
+        counts = _waits.wait(ctx, pending, "dispatch", seq).sum(0).to(torch.int32)
     counts = layout.expert_counts_output(layout.align_up(counts, expert_alignment), expert_token_nums_type)
     order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
     send_head = torch.where(is_token_in_rank, order, torch.full_like(order, -1)).to(torch.int32)
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts,
             matrix.cumsum(0).to(torch.int32), send_counts.to(torch.int32).view(num_ranks, 1),
             torch.zeros(num_ranks, 1, dtype=torch.int32, device=x.device),
-            _padded(fmt.view(recv, "src_idx").view(n), total, -1), send_head, _next_seq(comm_seq, x))
+            _padded(fmt.view(recv_meta, "src_idx").view(n), total, -1), send_head, _next_seq(comm_seq, x))
 
 
 def _handle_rows_status(valid: int, rows: int):
@@ -186,21 +200,17 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None
     expect = torch.diff(column, prepend=column.new_zeros(1))
     status = _handle_rows_status(int(column[-1]), recv_src_idx.shape[0])
     matrix = _handshake_or_raise(ctx, "cached_dispatch", seq, cfg, _CACHED_CFG, send_counts, status, x.device, expect)
-    dest, token = is_token_in_rank.t().nonzero(as_tuple=True)
-    fmt = _payload_format(x, x_scales, -1, _width(topk_weights))
-    values = {"x": x[token], "src_idx": token.to(torch.int32)}
-    if x_scales is not None:
-        values["scales"] = x_scales[token]
-    if topk_weights is not None:
-        values["topk_weights"] = topk_weights[token]
-    recv = _exchange(ctx, "cached_dispatch", seq, fmt.pack(token.numel(), x.device, **values), send_counts,
-                     matrix[:, rank])
+    _, token = is_token_in_rank.t().nonzero(as_tuple=True)
+    meta = []
+    _meta(meta, token, scales=x_scales, topk_weights=topk_weights)
+    recv, fmt, recv_meta = _exchange(ctx, "cached_dispatch", seq, take_rows(x, token), meta, send_counts,
+                                     matrix[:, rank])
     total = recv_src_idx.shape[0]
-    recv_x_scales = (_padded(fmt.view(recv, "scales"), total, 0) if x_scales is not None
+    recv_x_scales = (_padded(fmt.view(recv_meta, "scales"), total, 0) if x_scales is not None
                      else x.new_empty((total, 0), dtype=torch.float32))
-    recv_topk_weights = (_padded(fmt.view(recv, "topk_weights"), total, 0) if topk_weights is not None
+    recv_topk_weights = (_padded(fmt.view(recv_meta, "topk_weights"), total, 0) if topk_weights is not None
                          else x.new_empty((total, 0), dtype=torch.float32))
-    return _padded(fmt.view(recv, "x"), total, 0), recv_x_scales, recv_topk_weights, _next_seq(comm_seq, x)
+    return _payload_out(recv, x.dtype, total), recv_x_scales, recv_topk_weights, _next_seq(comm_seq, x)
 
 
 def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
@@ -215,22 +225,26 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
     valid = int(column[-1])
     matrix = _handshake_or_raise(ctx, "combine", seq, cfg, _COMBINE_CFG, per_source,
                                  _handle_rows_status(valid, x.shape[0]), x.device, is_token_in_rank.sum(0))
-    fmt = _payload_format(x, None, -1, _width(topk_weights))
-    values = {"x": x[:valid]}
-    if topk_weights is not None:
-        values["topk_weights"] = topk_weights[:valid]
-    recv = _exchange(ctx, "combine", seq, fmt.pack(valid, x.device, **values), per_source, matrix[:, rank])
+    meta = [] if topk_weights is None else [("topk_weights", torch.float32, topk_weights.shape[1],
+                                              topk_weights[:valid])]
+    recv, fmt, recv_meta = _exchange(ctx, "combine", seq, x[:valid].contiguous().view(torch.uint8), meta,
+                                     per_source, matrix[:, rank])
     _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # rows arrive destination-major, like dispatch sent them
     num_tokens = is_token_in_rank.shape[0]
     acc = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
     for bias in (bias_0, bias_1):
         if bias is not None:
             acc += bias.float()
-    acc.index_add_(0, token, fmt.view(recv, "x").float())
+    rows = recv.view(x.dtype)
+    # fp32 accumulation in cache-sized chunks: converting all received rows at once would write (and
+    # page-fault) a second, twice as large copy of the payload.
+    step = max(1, (1 << 21) // max(1, x.shape[1]))
+    for begin in range(0, rows.shape[0], step):
+        acc.index_add_(0, token[begin:begin + step], rows[begin:begin + step].float())
     combined_w = x.new_empty((num_tokens, 0), dtype=torch.float32)
     if topk_weights is not None:
         combined_w = torch.zeros(num_tokens, topk_weights.shape[1], device=x.device)
-        combined_w.index_add_(0, token, fmt.view(recv, "topk_weights"))
+        combined_w.index_add_(0, token, fmt.view(recv_meta, "topk_weights"))
     return acc.to(x.dtype), combined_w, _next_seq(comm_seq, x)
 
 
