@@ -2,7 +2,7 @@
 
 Layering (imports only go down):
 
-    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal, low_latency) → transports
+    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal, low_latency, fused) → transports
                                          ↑
                               _schemas (index of ops), meta_kernels (fakes + shared checks)
 
@@ -14,10 +14,12 @@ from . import _schemas  # noqa: F401  (defines torch.ops.deepep.*)
 
 import meta_kernels  # noqa: E402,F401  (fake kernels)
 
-from . import low_latency, normal  # noqa: E402,F401  (kernels + autograd)
+from . import fused, low_latency, normal  # noqa: E402,F401  (kernels + autograd)
 from .buffer import Buffer  # noqa: E402
+from .ffn import make_fused_weights  # noqa: E402
+from .fused import FuseMode  # noqa: E402
 from .tuning import Config  # noqa: E402
 from .utils import EventHandle, EventOverlap  # noqa: E402
 
-__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "FuseMode", "make_fused_weights"]
 __version__ = "0.1.0"

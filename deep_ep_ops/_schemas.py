@@ -83,3 +83,13 @@ lib.define(f"low_latency_combine({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tens
 lib.define(f"low_latency_combine_send({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tensor recv_token, "
            "Tensor comm_seq_out)")
 lib.define("low_latency_combine_recv(Tensor(a!) combined_x, Tensor recv_token, str group_name) -> ()")
+
+# --- fused dispatch + expert FFN + combine (DeepEP-Ascend) --------------------------------------------
+
+lib.define(
+    "fused_deep_moe(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor gmm1_permuted_weight, "
+    "Tensor gmm1_permuted_weight_scale, Tensor gmm2_weight, Tensor gmm2_weight_scale, "
+    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int quant_mode=1, "
+    "int num_shared_expert_ranks=0, Tensor? comm_seq=None) -> "
+    "(Tensor output, Tensor ep_recv_count, Tensor comm_seq_out)"
+)

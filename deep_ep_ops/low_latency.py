@@ -29,7 +29,6 @@ from ._wire import RowFormat, dtype_code, put_rows, take_rows
 MAX_IN_FLIGHT = 2  # DeepEP's double buffer: at most two receives outstanding per group
 _CFG = ["num_max_dispatch_tokens_per_rank", "num_experts", "hidden", "num_topk", "num_shared_expert_ranks",
         "wire format", "x dtype", "round_scale", "use_ue8m0"]
-_WHAT = "num_max_dispatch_tokens_per_rank, num_experts, hidden, num_topk, shared-expert ranks and the wire format"
 
 
 def wire_format(use_fp8: bool, quant_mode: str) -> str:
@@ -94,20 +93,22 @@ def _seq_out(comm_seq, like):
     return torch.zeros(1, dtype=torch.int64, device=like.device) if comm_seq is None else comm_seq + 1
 
 
-def _agree(ctx, op: str, seq: int, cfg: list[int], topk_idx: torch.Tensor, num_experts: int, device) -> None:
+def _agree(ctx, op: str, seq: int, cfg: list[int], topk_idx: torch.Tensor, num_experts: int, device,
+           cfg_names: list[str] = _CFG) -> None:
     """Header exchange validated on the device; expert ids out of range fail every rank."""
     rows = _handshake.header(ctx, op, seq, cfg, device=device)
     bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any()
     rows[:, 3] = bad.to(torch.int64) * _handshake.STATUS_EXPERT_OUT_OF_RANGE
     received = _handshake.exchange(ctx, op, seq, rows)
-    _handshake.validate_on_device(received, rows[0], op, _WHAT + " (and topk_idx values in [-1, num_experts))")
+    what = ", ".join(cfg_names[:5]) + " and the wire format"
+    _handshake.validate_on_device(received, rows[0], op, what + " (and topk_idx values in [-1, num_experts))")
 
 
-def _checked(ctx, op, seq, device, check) -> None:
+def _checked(ctx, op, seq, device, check, cfg_names: list[str] = _CFG) -> None:
     try:
         check()
     except RuntimeError as exc:
-        _handshake.report_failure(ctx, op, seq, str(exc), _CFG, device)
+        _handshake.report_failure(ctx, op, seq, str(exc), cfg_names, device)
         raise
 
 
@@ -119,6 +120,7 @@ class _Dispatch:
     cap: int
     seq: int
     expert_token_nums_type: int
+    plan: Plan
     received: torch.Tensor | None = None
 
 
@@ -139,17 +141,29 @@ def alloc_dispatch_outputs(x, num_local: int, num_ranks: int, m: int, fmt_name: 
 
 
 def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0, quant_mode,
-                  num_shared, expert_token_nums_type) -> _Dispatch:
+                  num_shared, expert_token_nums_type, op: str = "low_latency_dispatch", check=None,
+                  cfg_tail: tuple[int, int] | None = None, cfg_names: list[str] = _CFG) -> _Dispatch:
+    """Checks, handshake, quantization, send plan and the start of the exchange.
+
+    ``op``, ``check`` (extra checks), ``cfg_tail`` (the last two handshake words) and ``cfg_names`` let
+    ``fused_deep_moe`` reuse it under its own name and settings.
+    """
     ctx = _registry.get(group_name)
-    op, num_ranks, rank = "low_latency_dispatch", ctx.num_ranks, ctx.rank
+    num_ranks, rank = ctx.num_ranks, ctx.rank
     seq = ctx.next_seq(op, x.shape[0])
-    _checked(ctx, op, seq, x.device, lambda: checks.check_low_latency_dispatch(
-        x, topk_idx, m, num_experts, num_ranks, use_fp8, round_scale, use_ue8m0, quant_mode, num_shared,
-        expert_token_nums_type))
+
+    def checks_all():
+        checks.check_low_latency_dispatch(x, topk_idx, m, num_experts, num_ranks, use_fp8, round_scale, use_ue8m0,
+                                          quant_mode, num_shared, expert_token_nums_type, op=op)
+        if check is not None:
+            check()
+
+    _checked(ctx, op, seq, x.device, checks_all, cfg_names)
     fmt_name = wire_format(use_fp8, quant_mode)
+    tail = (int(round_scale), int(use_ue8m0)) if cfg_tail is None else cfg_tail
     cfg = [m, num_experts, x.shape[1], topk_idx.shape[1], num_shared, ["bf16", "fp8", "int8"].index(fmt_name),
-           dtype_code(x.dtype), int(round_scale), int(use_ue8m0)]
-    _agree(ctx, op, seq, cfg, topk_idx, num_experts, x.device)
+           dtype_code(x.dtype), *tail]
+    _agree(ctx, op, seq, cfg, topk_idx, num_experts, x.device, cfg_names)
     data, scales = quant.low_latency_wire(x, fmt_name == "fp8", round_scale, use_ue8m0, quant_mode)
     fields = [("x", data.dtype, data.shape[1])]
     if scales is not None:
@@ -172,7 +186,7 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale,
     num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
     pending = ctx.transport.all_to_all(send, plan.caps, [cap] * num_ranks)
-    return _Dispatch(pending, fmt, num_local, cap, seq, expert_token_nums_type)
+    return _Dispatch(pending, fmt, num_local, cap, seq, expert_token_nums_type, plan)
 
 
 def _received(ctx, state, op: str) -> torch.Tensor:

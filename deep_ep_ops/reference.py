@@ -318,3 +318,33 @@ def low_latency_combine(x: list[torch.Tensor], topk_idx: list[torch.Tensor], top
             acc = acc + shared
         out.append(acc.to(x[0].dtype))
     return out
+
+
+# --- fused dispatch + FFN + combine -------------------------------------------------------------------
+
+def fused_deep_moe(x: list[torch.Tensor], topk_idx: list[torch.Tensor], topk_weights: list[torch.Tensor],
+                   weights: list[tuple[torch.Tensor, ...]], num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                   quant_mode: int = 1, num_shared_expert_ranks: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``fused_deep_moe`` (DESIGN §4): low-latency dispatch (INT8 wire for ``quant_mode=1``, bf16 for 0),
+    :func:`deep_ep_ops.ffn.expert_ffn` on each local expert's rows, low-latency combine.
+
+    Args:
+        weights: per rank ``(gmm1, gmm1_scale, gmm2, gmm2_scale)`` of its local experts.
+
+    Returns:
+        Per rank ``(output [N, H] bf16, ep_recv_count [L * R] int32)``.
+    """
+    from .ffn import expert_ffn
+
+    dispatched = low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8=False,
+                                      quant_mode="int8" if quant_mode == 1 else "none",
+                                      num_shared_expert_ranks=num_shared_expert_ranks)
+    outputs = []
+    for d, (gmm1, scale1, gmm2, scale2) in zip(dispatched, weights):
+        y = torch.zeros(d.packed_recv_x.shape, dtype=torch.bfloat16)
+        for i, n in enumerate((d.layout_range & 0xFFFFFFFF).sum(dim=1).tolist()):
+            scales = None if d.packed_recv_x_scales is None else d.packed_recv_x_scales[i, :n]
+            y[i, :n] = expert_ffn(d.packed_recv_x[i, :n], scales, gmm1[i], scale1[i], gmm2[i], scale2[i], quant_mode)
+        outputs.append(y)
+    combined = low_latency_combine(outputs, topk_idx, topk_weights, dispatched, num_experts, num_shared_expert_ranks)
+    return [(c, (d.layout_range & 0xFFFFFFFF).flatten().to(torch.int32)) for c, d in zip(combined, dispatched)]

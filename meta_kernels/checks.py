@@ -155,8 +155,7 @@ def check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks: int) -> No
 
 def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks: int, use_fp8: bool,
                                round_scale: bool, use_ue8m0: bool, quant_mode: str, num_shared: int,
-                               expert_token_nums_type: int) -> None:
-    op = "low_latency_dispatch"
+                               expert_token_nums_type: int, op: str = "low_latency_dispatch") -> None:
     check_tensor(x, op, "x", 2, FLOAT_DTYPES)
     check_topk(op, topk_idx, None, x.shape[0], x.device)
     expect(topk_idx is not None, op, "topk_idx", None)
@@ -194,3 +193,30 @@ def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range,
     expect(_shape(src_info) == [local, num_ranks * m] and _shape(layout_range) == [local, num_ranks], op,
            f"a handle with src_info [{local}, {num_ranks * m}] and layout_range [{local}, {num_ranks}]",
            f"{_shape(src_info)} and {_shape(layout_range)}", hint="a handle from another dispatch?")
+
+
+def check_fused(x, topk_idx, topk_weights, gmm1, gmm1_scale, gmm2, gmm2_scale, m: int, num_experts: int,
+                num_ranks: int, rank: int, num_shared: int, quant_mode: int) -> None:
+    """``fused_deep_moe``'s own inputs (the dispatch half checks ``x`` and ``topk_idx``)."""
+    from deep_ep_ops.layout import num_local_experts
+
+    op = "fused_deep_moe"
+    expect(quant_mode in (0, 1), op, "quant_mode 0 (bf16 weights) or 1 (int8 W8A8)", quant_mode)
+    check_topk(op, topk_idx, topk_weights, x.shape[0], x.device, weights_required=True)
+    expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
+    check_num_experts(op, num_experts, num_ranks - num_shared)
+    local, hidden = num_local_experts(num_experts, num_ranks, rank, num_shared), x.shape[1]
+    weight_dtypes = (torch.int8,) if quant_mode == 1 else FLOAT_DTYPES
+    check_tensor(gmm1, op, "gmm1_permuted_weight", 3, weight_dtypes, x.device)
+    check_tensor(gmm2, op, "gmm2_weight", 3, weight_dtypes, x.device)
+    two_i = gmm1.shape[2]
+    expect(_shape(gmm1)[:2] == [local, hidden] and two_i % 2 == 0, op,
+           f"gmm1_permuted_weight of shape [num_local_experts, hidden, 2 * intermediate] = [{local}, {hidden}, 2I]",
+           f"shape {_shape(gmm1)}")
+    expect(_shape(gmm2) == [local, two_i // 2, hidden], op,
+           f"gmm2_weight of shape [num_local_experts, intermediate, hidden] = [{local}, {two_i // 2}, {hidden}]",
+           f"shape {_shape(gmm2)}")
+    for name, scale, width in (("gmm1_permuted_weight_scale", gmm1_scale, two_i), ("gmm2_weight_scale", gmm2_scale,
+                                                                                    hidden)):
+        check_tensor(scale, op, name, 2, torch.float32, x.device)
+        expect(_shape(scale) == [local, width], op, f"{name} of shape [{local}, {width}]", f"shape {_shape(scale)}")

@@ -34,7 +34,7 @@ def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
     worst_handle = [worst[5], worst[6], worst[7], worst[8], layout[3], worst[9]]
     bias = torch.randn(x.shape[0], hidden, requires_grad=True)
     ll = _low_latency_samples(group_name, rank)
-    return {**ll,
+    return {**ll, **_fused_samples(group_name, rank),
         "get_dispatch_layout.default": [(idx, num_experts, group_name)],
         "dispatch.default": [
             (x, None, idx, w, layout[3], layout[2], num_experts, group_name, 2, 0, "none", 1, seq),
@@ -82,3 +82,19 @@ def _low_latency_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
         "low_latency_combine_send.default": [(y, idx, w, out[3], out[4], m, num_experts, group_name)],
         "low_latency_combine_recv.default": [(comb_sent[0].clone(), comb_sent[1], group_name)],
     }
+
+
+def _fused_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
+    from deep_ep_ops import make_fused_weights
+
+    num_ranks = _resolve_process_group(group_name).size()
+    m, hidden, inter, num_experts = 4, 256, 64, 2 * num_ranks
+    g = torch.Generator().manual_seed(20 + rank)
+    idx, w = _routing(3, num_experts, 2, seed=30 + rank)
+    x = torch.randn(3, hidden, generator=g).bfloat16()
+    w13 = torch.randn(2, 2 * inter, hidden, generator=g) * 0.05
+    w2 = torch.randn(2, hidden, inter, generator=g) * 0.05
+    return {"fused_deep_moe.default": [
+        (x, idx, w, *make_fused_weights(w13, w2, 1), m, num_experts, group_name),
+        (x, idx, w, *make_fused_weights(w13, w2, 0), m, num_experts, group_name, 0, 0, torch.zeros(1, dtype=torch.int64)),
+    ]}
