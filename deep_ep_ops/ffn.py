@@ -57,17 +57,18 @@ def expert_ffn(x: torch.Tensor, x_scale: torch.Tensor | None, gmm1: torch.Tensor
         bf16 ``[rows, H]``. With ``quant_mode=1``: int32 GEMMs (``torch._int_mm``), dequantized with the
         per-row activation scale times the per-channel weight scale, SwiGLU ``silu(gate) * up`` in fp32,
         per-row INT8 requantization (``scale = amax / 127``), second int32 GEMM, dequantized, rounded once.
-        With ``quant_mode=0``: the same in fp32 arithmetic, rounded once.
+        With ``quant_mode=0``: GEMMs in the weights' dtype (bf16 inputs, fp32 accumulation, bf16 results,
+        as bf16 models run), SwiGLU in fp32.
     """
     if quant_mode == 1:
         h = torch._int_mm(x, gmm1).float() * x_scale.unsqueeze(1) * gmm1_scale.unsqueeze(0)
     else:
-        h = x.float() @ gmm1.float()
+        h = (x.to(gmm1.dtype) @ gmm1).float()
     inter = h.shape[1] // 2
     a = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
     if quant_mode == 1:
         q, s = quant.per_token_int8(a, eps=0.0)
         y = torch._int_mm(q, gmm2).float() * s.unsqueeze(1) * gmm2_scale.unsqueeze(0)
     else:
-        y = a @ gmm2.float()
+        y = a.to(gmm2.dtype) @ gmm2
     return y.to(torch.bfloat16)
