@@ -54,6 +54,46 @@ def summary_us(samples: list[float]) -> dict[str, float]:
     return {"median_us": statistics.median(samples) * 1e6, "p10_us": q[0] * 1e6, "p90_us": q[-1] * 1e6}
 
 
+#: Wire bytes of one row per format (DESIGN §7): BF16 2·H; FP8 H + 4·H/128 scales; INT8 H + 4.
+ROW_BYTES = {"bf16": lambda h: 2 * h, "fp8": lambda h: h + 4 * (h // 128), "int8": lambda h: h + 4}
+
+#: Columns of a dispatch/combine row (see :func:`comm_row`), after a benchmark's own leading columns.
+COMM_COLUMNS = [("dispatch_us", "dispatch µs", ".0f"), ("dispatch_p10_us", "p10", ".0f"),
+                ("dispatch_p90_us", "p90", ".0f"), ("dispatch_GBps", "GB/s", ".3f"),
+                ("baseline_dispatch_us", "a2a µs", ".0f"), ("baseline_dispatch_GBps", "a2a GB/s", ".3f"),
+                ("combine_us", "combine µs", ".0f"), ("combine_p10_us", "p10", ".0f"), ("combine_p90_us", "p90", ".0f"),
+                ("combine_GBps", "GB/s", ".3f"), ("baseline_combine_us", "a2a µs", ".0f"),
+                ("baseline_combine_GBps", "a2a GB/s", ".3f")]
+
+
+def raw_all_to_all(send_counts: torch.Tensor, row_bytes: int, group) -> Callable[[], object]:
+    """The baseline: one plain ``all_to_all_single`` of ``send_counts`` rows per destination (counts exchanged
+    up front, buffers allocated once)."""
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send = torch.empty(int(send_counts.sum()), row_bytes, dtype=torch.uint8)
+    recv = torch.empty(int(recv_counts.sum()), row_bytes, dtype=torch.uint8)
+    s, r = send_counts.tolist(), recv_counts.tolist()
+    return lambda: dist.all_to_all_single(recv, send, r, s, group=group)
+
+
+def comm_row(dispatch: Callable[[], object], combine: Callable[[], object], send_counts: torch.Tensor,
+             row_bytes: int, hidden: int, rows_moved: int, iters: int, warmup: int, group) -> dict:
+    """Times dispatch, combine and the baseline moving the same rows both ways; returns the row for
+    :data:`COMM_COLUMNS` (GB/s = ``rows_moved`` × bytes per row / median time; combine rows are bf16)."""
+    t = {name: summary_us(time_calls(fn, iters, warmup, group)) for name, fn in (
+        ("dispatch", dispatch), ("combine", combine),
+        ("baseline_dispatch", raw_all_to_all(send_counts, row_bytes, group)),
+        ("baseline_combine", raw_all_to_all(send_counts, 2 * hidden, group)))}
+    row = {}
+    for name, nbytes in (("dispatch", row_bytes), ("combine", 2 * hidden)):
+        row.update({f"{name}_us": t[name]["median_us"], f"{name}_p10_us": t[name]["p10_us"],
+                    f"{name}_p90_us": t[name]["p90_us"], f"{name}_GBps": rows_moved * nbytes / t[name]["median_us"] / 1e3,
+                    f"baseline_{name}_us": t[f"baseline_{name}"]["median_us"],
+                    f"baseline_{name}_GBps": rows_moved * nbytes / t[f"baseline_{name}"]["median_us"] / 1e3})
+    return row
+
+
 def progress(i: int, n: int, what: str) -> None:
     print(f"[{i}/{n}] {what}", file=sys.stderr, flush=True)
 

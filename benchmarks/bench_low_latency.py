@@ -18,20 +18,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from benchmarks._harness import base_parser, print_table, progress, run_ranks, summary_us, time_calls, write_json
+from benchmarks._harness import (COMM_COLUMNS, ROW_BYTES, base_parser, comm_row, print_table, progress, run_ranks,
+                                 write_json)
 
-ROW_BYTES = {"bf16": lambda h: 2 * h, "fp8": lambda h: h + 4 * (h // 128), "int8": lambda h: h + 4}
 FORMAT_KWARGS = {"bf16": dict(use_fp8=False), "fp8": dict(use_fp8=True), "int8": dict(use_fp8=False, quant_mode="int8")}
-
-
-def _raw_a2a(send_counts: torch.Tensor, row_bytes: int, group):
-    """A plain all_to_all_single of the given per-destination row counts (counts exchanged up front)."""
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send = torch.empty(int(send_counts.sum()), row_bytes, dtype=torch.uint8)
-    recv = torch.empty(int(recv_counts.sum()), row_bytes, dtype=torch.uint8)
-    s, r = send_counts.tolist(), recv_counts.tolist()
-    return lambda: dist.all_to_all_single(recv, send, r, s, group=group)
 
 
 def _bench(rank: int, world: int, args) -> list[dict]:
@@ -52,30 +42,18 @@ def _bench(rank: int, world: int, args) -> list[dict]:
         kw = FORMAT_KWARGS[fmt]
         recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, n, args.num_experts, **kw)
         y = torch.empty(handle[0].shape + (args.hidden,), dtype=torch.bfloat16)
-        disp = summary_us(time_calls(lambda: buf.low_latency_dispatch(x, idx, n, args.num_experts, **kw),
-                                     args.iters, args.warmup, group))
-        comb = summary_us(time_calls(lambda: buf.low_latency_combine(y, idx, w, handle), args.iters, args.warmup,
-                                     group))
         local = args.num_experts // world
         per_dest = torch.zeros(world, dtype=torch.int64).index_add_(
             0, idx.flatten() // local, torch.ones(idx.numel(), dtype=torch.int64))
-        row_bytes = ROW_BYTES[fmt](args.hidden)
-        base_d = summary_us(time_calls(_raw_a2a(per_dest, row_bytes, group), args.iters, args.warmup, group))
-        base_c = summary_us(time_calls(_raw_a2a(per_dest, 2 * args.hidden, group), args.iters, args.warmup, group))
         selections = torch.tensor([idx.numel()], dtype=torch.int64)
         dist.all_reduce(selections, op=dist.ReduceOp.MAX, group=group)
-        logical_d, logical_c = int(selections) * row_bytes, int(selections) * 2 * args.hidden
+        row_bytes = ROW_BYTES[fmt](args.hidden)
+        row = comm_row(lambda: buf.low_latency_dispatch(x, idx, n, args.num_experts, **kw),
+                       lambda: buf.low_latency_combine(y, idx, w, handle), per_dest, row_bytes, args.hidden,
+                       int(selections), args.iters, args.warmup, group)
         wire = sum(chunk_caps(world, n, args.num_topk, args.num_experts, 0))
-        rows.append({
-            "tokens": n, "format": fmt,
-            "dispatch_us": disp["median_us"], "dispatch_p10_us": disp["p10_us"], "dispatch_p90_us": disp["p90_us"],
-            "dispatch_GBps": logical_d / disp["median_us"] / 1e3,
-            "baseline_dispatch_us": base_d["median_us"], "baseline_dispatch_GBps": logical_d / base_d["median_us"] / 1e3,
-            "combine_us": comb["median_us"], "combine_p10_us": comb["p10_us"], "combine_p90_us": comb["p90_us"],
-            "combine_GBps": logical_c / comb["median_us"] / 1e3,
-            "baseline_combine_us": base_c["median_us"], "baseline_combine_GBps": logical_c / base_c["median_us"] / 1e3,
-            "logical_MB": logical_d / 1e6, "wire_MB": wire * (row_bytes + 8) / 1e6,
-        })
+        rows.append({"tokens": n, "format": fmt, **row, "logical_MB": int(selections) * row_bytes / 1e6,
+                     "wire_MB": wire * (row_bytes + 8) / 1e6})
         del recv_x, y
     buf.destroy()
     return rows
@@ -94,13 +72,8 @@ def main(argv=None) -> None:
     print_table(
         f"low-latency, {args.ranks} gloo ranks, hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} "
         f"experts, M = tokens; µs (median, p10-p90, max over ranks); GB/s = rows per (token, expert) x wire bytes",
-        [("tokens", "tokens", "d"), ("format", "fmt", "s"), ("dispatch_us", "dispatch µs", ".0f"),
-         ("dispatch_p10_us", "p10", ".0f"), ("dispatch_p90_us", "p90", ".0f"), ("dispatch_GBps", "GB/s", ".3f"),
-         ("baseline_dispatch_us", "a2a µs", ".0f"), ("baseline_dispatch_GBps", "a2a GB/s", ".3f"),
-         ("combine_us", "combine µs", ".0f"), ("combine_p10_us", "p10", ".0f"), ("combine_p90_us", "p90", ".0f"),
-         ("combine_GBps", "GB/s", ".3f"), ("baseline_combine_us", "a2a µs", ".0f"),
-         ("baseline_combine_GBps", "a2a GB/s", ".3f"), ("logical_MB", "logical MB", ".2f"), ("wire_MB", "wire MB", ".2f")],
-        rows)
+        [("tokens", "tokens", "d"), ("format", "fmt", "s"), *COMM_COLUMNS, ("logical_MB", "logical MB", ".2f"),
+         ("wire_MB", "wire MB", ".2f")], rows)
     write_json(args.json, {"benchmark": "low_latency", "config": vars(args), "rows": rows})
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from benchmarks._harness import base_parser, print_table, progress, run_ranks, summary_us, time_calls, write_json
-from benchmarks.bench_low_latency import ROW_BYTES, _raw_a2a
+from benchmarks._harness import (COMM_COLUMNS, ROW_BYTES, base_parser, comm_row, print_table, progress, run_ranks,
+                                 write_json)
 
 
 def _bench(rank: int, world: int, args) -> list[dict]:
@@ -45,21 +45,9 @@ def _bench(rank: int, world: int, args) -> list[dict]:
 
         recv_x, _, recv_w, _, handle, _ = dispatch()
         y = recv_x if fmt == "bf16" else torch.zeros(handle[3].shape[0], args.hidden, dtype=torch.bfloat16)
-        disp = summary_us(time_calls(dispatch, args.iters, args.warmup, group))
-        comb = summary_us(time_calls(lambda: buf.combine(y, handle, recv_w), args.iters, args.warmup, group))
-        row_bytes = ROW_BYTES[fmt](args.hidden)
-        base_d = summary_us(time_calls(_raw_a2a(per_rank.long(), row_bytes, group), args.iters, args.warmup, group))
-        base_c = summary_us(time_calls(_raw_a2a(per_rank.long(), 2 * args.hidden, group), args.iters, args.warmup,
-                                       group))
-        logical_d, logical_c = int(rows_sent) * row_bytes, int(rows_sent) * 2 * args.hidden
-        rows.append({
-            "format": fmt, "dispatch_us": disp["median_us"], "dispatch_p10_us": disp["p10_us"],
-            "dispatch_p90_us": disp["p90_us"], "dispatch_GBps": logical_d / disp["median_us"] / 1e3,
-            "baseline_dispatch_us": base_d["median_us"], "baseline_dispatch_GBps": logical_d / base_d["median_us"] / 1e3,
-            "combine_us": comb["median_us"], "combine_p10_us": comb["p10_us"], "combine_p90_us": comb["p90_us"],
-            "combine_GBps": logical_c / comb["median_us"] / 1e3, "baseline_combine_us": base_c["median_us"],
-            "baseline_combine_GBps": logical_c / base_c["median_us"] / 1e3, "dispatch_MB": logical_d / 1e6,
-        })
+        row = comm_row(dispatch, lambda: buf.combine(y, handle, recv_w), per_rank.long(), ROW_BYTES[fmt](args.hidden),
+                       args.hidden, int(rows_sent), args.iters, args.warmup, group)
+        rows.append({"format": fmt, **row, "dispatch_MB": int(rows_sent) * ROW_BYTES[fmt](args.hidden) / 1e6})
     buf.destroy()
     return rows
 
@@ -77,12 +65,7 @@ def main(argv=None) -> None:
     print_table(
         f"normal mode, {args.ranks} gloo ranks, {args.tokens} tokens/rank, hidden {args.hidden}, top-{args.num_topk} of "
         f"{args.num_experts} experts; µs (median, p10-p90, max over ranks); GB/s = rows per (token, rank) x row bytes",
-        [("format", "fmt", "s"), ("dispatch_us", "dispatch µs", ".0f"), ("dispatch_p10_us", "p10", ".0f"),
-         ("dispatch_p90_us", "p90", ".0f"), ("dispatch_GBps", "GB/s", ".3f"), ("baseline_dispatch_us", "a2a µs", ".0f"),
-         ("baseline_dispatch_GBps", "a2a GB/s", ".3f"), ("combine_us", "combine µs", ".0f"),
-         ("combine_p10_us", "p10", ".0f"), ("combine_p90_us", "p90", ".0f"), ("combine_GBps", "GB/s", ".3f"),
-         ("baseline_combine_us", "a2a µs", ".0f"), ("baseline_combine_GBps", "a2a GB/s", ".3f"),
-         ("dispatch_MB", "MB/rank", ".1f")], rows)
+        [("format", "fmt", "s"), *COMM_COLUMNS, ("dispatch_MB", "MB/rank", ".1f")], rows)
     write_json(args.json, {"benchmark": "normal", "config": vars(args), "rows": rows})
 
 
