@@ -69,14 +69,26 @@ def report_failure(ctx, op: str, seq: int, message: str, cfg_names: list[str], d
     The message goes through the store, so the failing rank and its peers all raise the same text
     instead of the peers waiting for a rank that gave up.
     """
-    from torch.distributed.distributed_c10d import _get_default_store
-
-    try:
-        _get_default_store().set(_error_key(ctx, seq, ctx.rank), message)
-    except Exception:
-        pass
+    store = _waits.store()
+    if store is not None:
+        store.set(_error_key(ctx, seq, ctx.rank), message)
     rows = header(ctx, op, seq, [0] * len(cfg_names), status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
     validate(ctx, op, seq, exchange(ctx, op, seq, rows), cfg_names)
+
+
+def run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, check) -> None:
+    """Runs ``check``; if it fails, joins the handshake with a failed status (see :func:`report_failure`)
+    so that the peers fail too, then raises."""
+    try:
+        check()
+    except RuntimeError as exc:
+        report_failure(ctx, op, seq, str(exc), cfg_names, device)
+        raise  # reached only if no rank reported a failure, which cannot happen here
+
+
+def next_comm_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """``comm_seq_out`` of a communicating op: ``comm_seq + 1``, or zeros without an input sequence."""
+    return torch.zeros(1, dtype=torch.int64, device=like.device) if comm_seq is None else comm_seq + 1
 
 
 def recv_counts(rows: torch.Tensor, rank: int) -> torch.Tensor:
@@ -101,11 +113,10 @@ def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: d
     if code == STATUS_HANDLE_ROWS:
         return (f"deepep::{op}: expected a handle whose rank_prefix_matrix fits the {a1} received rows, got one "
                 f"claiming {a0} (a stale handle?) (on rank {rank})")
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        text = _get_default_store().get(_error_key(ctx, seq, rank)).decode()
-    except Exception:
+    store = _waits.store()
+    if store is not None and store.check([_error_key(ctx, seq, rank)]):
+        text = store.get(_error_key(ctx, seq, rank)).decode()
+    else:
         text = f"deepep::{op}: rank {rank} rejected its inputs (see that rank's error)"
     return f"{text} (on rank {rank})"
 

@@ -18,7 +18,8 @@ from .transports import Pending
 _SLICE_S = 0.5
 
 
-def _store():
+def store():
+    """The default group's c10d store, or ``None`` without one."""
     try:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # no default group (e.g. groups made without init_process_group)
@@ -35,20 +36,20 @@ def _last_key(ctx, rank: int) -> str:
 
 def announce(ctx, op: str, seq: int) -> None:
     """Records in the store that this rank is waiting in ``op`` number ``seq``."""
-    store = _store()
-    if store is not None:
-        store.set(_key(ctx, op, seq, ctx.rank), "1")
-        store.set(_last_key(ctx, ctx.rank), f"{op} #{seq}")
+    kv = store()
+    if kv is not None:
+        kv.set(_key(ctx, op, seq, ctx.rank), "1")
+        kv.set(_last_key(ctx, ctx.rank), f"{op} #{seq}")
 
 
 def _absent(ctx, op: str, seq: int, grace_s: float) -> list[int] | None:
-    store = _store()
-    if store is None:
+    kv = store()
+    if kv is None:
         return None
     deadline = time.monotonic() + grace_s
     while True:
         missing = [r for r in range(ctx.num_ranks)
-                   if r != ctx.rank and not store.check([_key(ctx, op, seq, r)])]
+                   if r != ctx.rank and not kv.check([_key(ctx, op, seq, r)])]
         if not missing or time.monotonic() >= deadline:
             return missing
         time.sleep(0.05)
@@ -56,12 +57,12 @@ def _absent(ctx, op: str, seq: int, grace_s: float) -> list[int] | None:
 
 def describe_peers(ctx, ranks: list[int]) -> str:
     """``rank 1 (last seen waiting in deepep::combine #7)`` for each rank, from the store."""
-    store = _store()
+    kv = store()
     parts = []
     for r in ranks:
         where = "not seen in any deepep op"
-        if store is not None and store.check([_last_key(ctx, r)]):
-            where = f"last seen waiting in deepep::{store.get(_last_key(ctx, r)).decode()}"
+        if kv is not None and kv.check([_last_key(ctx, r)]):
+            where = f"last seen waiting in deepep::{kv.get(_last_key(ctx, r)).decode()}"
         global_rank = dist.get_global_rank(ctx.group, r) if dist.is_initialized() else r
         name = f"rank {r}" if global_rank == r else f"rank {r} (global rank {global_rank})"
         parts.append(f"{name}, {where}")

@@ -15,7 +15,7 @@ import torch
 
 from meta_kernels import checks
 
-from . import _registry, ffn, low_latency
+from . import _handshake, _registry, ffn, low_latency
 from ._schemas import lib
 from ._wire import put_rows, take_rows
 
@@ -43,22 +43,16 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
         check=lambda: checks.check_fused(x, topk_idx, topk_weights, *weights, m, num_experts, num_ranks, rank,
                                          num_shared_expert_ranks, quant_mode),
         cfg_tail=(int(gmm1_permuted_weight.shape[-1]), quant_mode))
-    recv = low_latency._received(ctx, state, op)
+    recv = low_latency.received(ctx, state, op)
     fmt, num_local = state.fmt, state.num_local
-    meta = fmt.view(recv, "meta")
-    expert = meta[:, 0].long()
-    expert_or_end = torch.where(expert >= 0, expert, num_local)
-    source = torch.arange(recv.shape[0], device=x.device) // state.cap
-    per_pair = torch.zeros((num_local + 1) * num_ranks, dtype=torch.int64, device=x.device)
-    per_pair.index_add_(0, expert_or_end * num_ranks + source, torch.ones_like(source))
-    ep_recv_count = per_pair[:num_local * num_ranks].to(torch.int32)
-    # Rows of each expert in (source rank, token) order, as in the packed layout.
-    order = torch.argsort(expert_or_end, stable=True)
+    sorted_rows = low_latency.sort_received(state, recv, num_ranks)
+    ep_recv_count = sorted_rows.counts.flatten().to(torch.int32)
+    order = sorted_rows.order  # each expert's rows in (source rank, token) order, as in the packed layout
     data = fmt.field_bytes(recv, "x")
     dtype = torch.int8 if quant_mode == 1 else x.dtype
     y = torch.empty(recv.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
     begin = 0
-    for i, count in enumerate(ep_recv_count.view(num_local, num_ranks).sum(1).tolist()):
+    for i, count in enumerate(sorted_rows.counts.sum(1).tolist()):
         rows = order[begin:begin + count]
         begin += count
         if count:
@@ -71,8 +65,8 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
     plan = state.plan
     pending = ctx.transport.all_to_all(y.view(torch.uint8), [state.cap] * num_ranks, plan.caps)
     out = torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
-    low_latency.combine_recv(ctx, low_latency._Combine(pending, plan, topk_weights, torch.bfloat16, state.seq), out)
-    return out, ep_recv_count, low_latency._seq_out(comm_seq, x)
+    low_latency.combine_recv(ctx, low_latency.CombineState(pending, plan, topk_weights, torch.bfloat16, state.seq), out)
+    return out, ep_recv_count, _handshake.next_comm_seq(comm_seq, x)
 
 
 def unfused_deep_moe(buffer, x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale,

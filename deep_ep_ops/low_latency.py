@@ -26,7 +26,6 @@ from . import _handshake, _registry, _waits, layout, quant
 from ._schemas import lib
 from ._wire import RowFormat, dtype_code, put_rows, take_rows
 
-MAX_IN_FLIGHT = 2  # DeepEP's double buffer: at most two receives outstanding per group
 _CFG = ["num_max_dispatch_tokens_per_rank", "num_experts", "hidden", "num_topk", "num_shared_expert_ranks",
         "wire format", "x dtype", "round_scale", "use_ue8m0"]
 
@@ -89,10 +88,6 @@ def send_plan(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: in
     return Plan(slot, local, caps, total)
 
 
-def _seq_out(comm_seq, like):
-    return torch.zeros(1, dtype=torch.int64, device=like.device) if comm_seq is None else comm_seq + 1
-
-
 def _agree(ctx, op: str, seq: int, cfg: list[int], topk_idx: torch.Tensor, num_experts: int, device,
            cfg_names: list[str] = _CFG) -> None:
     """Header exchange validated on the device; expert ids out of range fail every rank."""
@@ -104,16 +99,8 @@ def _agree(ctx, op: str, seq: int, cfg: list[int], topk_idx: torch.Tensor, num_e
     _handshake.validate_on_device(received, rows[0], op, what + " (and topk_idx values in [-1, num_experts))")
 
 
-def _checked(ctx, op, seq, device, check, cfg_names: list[str] = _CFG) -> None:
-    try:
-        check()
-    except RuntimeError as exc:
-        _handshake.report_failure(ctx, op, seq, str(exc), cfg_names, device)
-        raise
-
-
 @dataclasses.dataclass
-class _Dispatch:
+class DispatchState:
     pending: object
     fmt: RowFormat
     num_local: int
@@ -142,7 +129,7 @@ def alloc_dispatch_outputs(x, num_local: int, num_ranks: int, m: int, fmt_name: 
 
 def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0, quant_mode,
                   num_shared, expert_token_nums_type, op: str = "low_latency_dispatch", check=None,
-                  cfg_tail: tuple[int, int] | None = None, cfg_names: list[str] = _CFG) -> _Dispatch:
+                  cfg_tail: tuple[int, int] | None = None, cfg_names: list[str] = _CFG) -> DispatchState:
     """Checks, handshake, quantization, send plan and the start of the exchange.
 
     ``op``, ``check`` (extra checks), ``cfg_tail`` (the last two handshake words) and ``cfg_names`` let
@@ -158,7 +145,7 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale,
         if check is not None:
             check()
 
-    _checked(ctx, op, seq, x.device, checks_all, cfg_names)
+    _handshake.run_checks(ctx, op, seq, cfg_names, x.device, checks_all)
     fmt_name = wire_format(use_fp8, quant_mode)
     tail = (int(round_scale), int(use_ue8m0)) if cfg_tail is None else cfg_tail
     cfg = [m, num_experts, x.shape[1], topk_idx.shape[1], num_shared, ["bf16", "fp8", "int8"].index(fmt_name),
@@ -186,45 +173,61 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale,
     num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
     pending = ctx.transport.all_to_all(send, plan.caps, [cap] * num_ranks)
-    return _Dispatch(pending, fmt, num_local, cap, seq, expert_token_nums_type, plan)
+    return DispatchState(pending, fmt, num_local, cap, seq, expert_token_nums_type, plan)
 
 
-def _received(ctx, state, op: str) -> torch.Tensor:
+def received(ctx, state, op: str) -> torch.Tensor:
     """The exchanged bytes of ``state``, waited for once (a receive half may run again, e.g. in opcheck)."""
     if state.received is None:
         state.received = _waits.wait(ctx, state.pending, op, state.seq)
     return state.received
 
 
-def dispatch_recv(ctx, state: _Dispatch, outputs) -> None:
+@dataclasses.dataclass
+class ReceivedRows:
+    """Where a dispatch's received rows belong: ``expert`` per row (``L`` for an empty slot), ``counts``
+    ``[L, R]`` rows per (local expert, source rank), ``order`` the rows sorted by expert (stable, so in
+    (source rank, token) order within an expert) and ``pos`` each row's position within its expert."""
+
+    expert: torch.Tensor
+    counts: torch.Tensor
+    order: torch.Tensor
+    pos: torch.Tensor
+
+
+def sort_received(state: DispatchState, recv: torch.Tensor, num_ranks: int) -> ReceivedRows:
+    num_local, device = state.num_local, recv.device
+    expert = state.fmt.view(recv, "meta")[:, 0].long()
+    expert = torch.where(expert >= 0, expert, num_local)
+    source = torch.arange(recv.shape[0], device=device) // state.cap
+    per_pair = torch.zeros((num_local + 1) * num_ranks, dtype=torch.int64, device=device)
+    per_pair.index_add_(0, expert * num_ranks + source, torch.ones_like(source))
+    per_pair = per_pair.view(num_local + 1, num_ranks)
+    order = torch.argsort(expert, stable=True)
+    per_expert = per_pair.sum(1)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=device) - (torch.cumsum(per_expert, 0) - per_expert)[expert[order]]
+    return ReceivedRows(expert, per_pair[:num_local], order, pos)
+
+
+def dispatch_recv(ctx, state: DispatchState, outputs) -> None:
     """Waits for the exchange and fills ``outputs`` (see :func:`alloc_dispatch_outputs`)."""
     packed, packed_scales, count, src_info, layout_range = outputs
-    recv = _received(ctx, state, "low_latency_dispatch")
-    fmt, num_local, num_ranks = state.fmt, state.num_local, ctx.num_ranks
+    recv = received(ctx, state, "low_latency_dispatch")
+    fmt, num_local = state.fmt, state.num_local
     rows = packed.shape[1]
-    device = recv.device
-    meta = state.fmt.view(recv, "meta")
-    expert, token = meta[:, 0].long(), meta[:, 1]
-    valid = expert >= 0
-    src = torch.arange(recv.shape[0], device=device) // state.cap
-    per_pair = torch.zeros((num_local + 1) * num_ranks, dtype=torch.int64, device=device)
-    expert_or_end = torch.where(valid, expert, num_local)
-    per_pair.index_add_(0, expert_or_end * num_ranks + src, torch.ones_like(src))
-    per_pair = per_pair.view(num_local + 1, num_ranks)
-    counts = per_pair[:num_local]
+    sorted_rows = sort_received(state, recv, ctx.num_ranks)
+    counts, pos = sorted_rows.counts, sorted_rows.pos
+    valid = sorted_rows.expert < num_local
+    token = fmt.view(recv, "meta")[:, 1]
     per_expert = counts.sum(1)
-    # Valid rows: sorted by expert, stable, so (source rank, token) order within an expert.
-    order = torch.argsort(expert_or_end, stable=True)
-    starts = torch.cumsum(per_pair.sum(1), 0) - per_pair.sum(1)
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(order.numel(), device=device) - starts[expert_or_end[order]]
     # Invalid rows go to padding positions, the q-th one to the q-th free row, so writes never collide.
     free = rows - per_expert
     free_end = torch.cumsum(free, 0)
     q = torch.cumsum((~valid).to(torch.int64), 0) - 1
     pad_expert = torch.searchsorted(free_end, q, right=True).clamp(max=num_local - 1)
     pad_row = per_expert[pad_expert] + q - (free_end - free)[pad_expert]
-    dest = torch.where(valid, expert.clamp(min=0) * rows + pos, pad_expert * rows + pad_row)
+    dest = torch.where(valid, sorted_rows.expert * rows + pos, pad_expert * rows + pad_row)
     # Byte-wise row copies: no float8 kernels needed, and word-sized moves are fast.
     put_rows(packed.view(num_local * rows, -1), dest, fmt.field_bytes(recv, "x"))
     if "scales" in fmt.fields:
@@ -245,11 +248,11 @@ def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_expe
     outputs = alloc_dispatch_outputs(x, state.num_local, ctx.num_ranks, num_max_dispatch_tokens_per_rank,
                                      wire_format(use_fp8, quant_mode), use_ue8m0)
     dispatch_recv(ctx, state, outputs)
-    return (*outputs, _seq_out(comm_seq, x))
+    return (*outputs, _handshake.next_comm_seq(comm_seq, x))
 
 
 @dataclasses.dataclass
-class _Combine:
+class CombineState:
     pending: object
     plan: Plan
     topk_weights: torch.Tensor
@@ -259,11 +262,11 @@ class _Combine:
 
 
 def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
-                 num_shared) -> _Combine:
+                 num_shared) -> CombineState:
     ctx = _registry.get(group_name)
     op, num_ranks, rank = "low_latency_combine", ctx.num_ranks, ctx.rank
     seq = ctx.next_seq(op, x.shape[0])
-    _checked(ctx, op, seq, x.device, lambda: checks.check_low_latency_combine(
+    _handshake.run_checks(ctx, op, seq, _CFG, x.device, lambda: checks.check_low_latency_combine(
         x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, num_ranks, rank, num_shared))
     cfg = [m, num_experts, x.shape[2], topk_idx.shape[1], num_shared, 0, dtype_code(x.dtype), 0, 0]
     _agree(ctx, op, seq, cfg, topk_idx, num_experts, x.device)
@@ -282,12 +285,12 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
     send = take_rows(x.reshape(num_local * rows, hidden), flat.flatten())
     plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
     pending = ctx.transport.all_to_all(send, [cap] * num_ranks, plan.caps)
-    return _Combine(pending, plan, topk_weights, x.dtype, seq)
+    return CombineState(pending, plan, topk_weights, x.dtype, seq)
 
 
-def combine_recv(ctx, state: _Combine, out: torch.Tensor) -> None:
+def combine_recv(ctx, state: CombineState, out: torch.Tensor) -> None:
     """Waits for the expert outputs and writes the weighted sum into ``out`` ``[N, H]``."""
-    recv = _received(ctx, state, "low_latency_combine").view(state.dtype)
+    recv = received(ctx, state, "low_latency_combine").view(state.dtype)
     plan, k = state.plan, state.topk_weights.shape[1]
     slot = plan.slot
     valid = (slot < plan.total).unsqueeze(-1)
@@ -305,7 +308,7 @@ def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, num_m
                          num_experts, group_name, num_shared_expert_ranks)
     out = x.new_empty((topk_idx.shape[0], x.shape[2]))
     combine_recv(_registry.get(group_name), state, out)
-    return out, _seq_out(comm_seq, x)
+    return out, _handshake.next_comm_seq(comm_seq, x)
 
 
 # --- return_recv_hook: send and receive halves ---------------------------------------------------------
@@ -335,7 +338,7 @@ def low_latency_dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num
     ctx = _registry.get(group_name)
     outputs = alloc_dispatch_outputs(x, state.num_local, ctx.num_ranks, num_max_dispatch_tokens_per_rank,
                                      wire_format(use_fp8, quant_mode), use_ue8m0)
-    return (*outputs, _hold(ctx, state), _seq_out(comm_seq, x))
+    return (*outputs, _hold(ctx, state), _handshake.next_comm_seq(comm_seq, x))
 
 
 def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_count, src_info, layout_range,
@@ -350,7 +353,7 @@ def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, 
     state = combine_send(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
                          num_experts, group_name, num_shared_expert_ranks)
     ctx = _registry.get(group_name)
-    return x.new_empty((topk_idx.shape[0], x.shape[2])), _hold(ctx, state), _seq_out(comm_seq, x)
+    return x.new_empty((topk_idx.shape[0], x.shape[2])), _hold(ctx, state), _handshake.next_comm_seq(comm_seq, x)
 
 
 def low_latency_combine_recv(combined_x, recv_token, group_name) -> None:
@@ -364,7 +367,7 @@ def drain(group_name: str) -> int:
     states = list(ctx.pending.values())
     ctx.pending.clear()
     for state in states:
-        _received(ctx, state, "clean_low_latency_buffer")
+        received(ctx, state, "clean_low_latency_buffer")
     return len(states)
 
 

@@ -2,8 +2,9 @@
 
 Every communicating kernel follows the same steps. First the shared checks; a rank whose checks fail
 still joins the handshake so that its peers fail with it. Then the handshake (config agreement, data
-checks, the ``[R, R]`` traffic matrix), one exchange of packed byte rows through the group's transport,
-and an unpack into fresh outputs. Autograd is DeepEP's duality: the backward of dispatch is a combine
+checks, the ``[R, R]`` traffic matrix). Then the payload rows, gathered per destination, go through the
+group's transport as they are, and the received buffer becomes the output; per-row metadata (expert ids,
+weights, scales, source index) travels packed in a parallel exchange. Autograd is DeepEP's duality: the backward of dispatch is a combine
 with the same handle, and the backward of combine is a cached dispatch.
 """
 
@@ -22,12 +23,6 @@ _DISPATCH_CFG = ["num_experts", "hidden", "x dtype", "x_scales columns", "x_scal
 _CACHED_CFG = ["hidden", "x dtype", "x_scales columns", "x_scales dtype", "num_topk (topk_weights)",
                "handle (rank_prefix_matrix)"]
 _COMBINE_CFG = ["hidden", "x dtype", "num_topk (topk_weights)", "handle (rank_prefix_matrix)"]
-
-
-def _next_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if comm_seq is None:
-        return torch.zeros(1, dtype=torch.int64, device=like.device)
-    return comm_seq + 1
 
 
 def _width(t: torch.Tensor | None) -> int:
@@ -49,14 +44,6 @@ def _expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[
         return None
     t, k = (int(i) for i in bad.nonzero()[0])
     return _handshake.STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
-
-
-def _run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, check) -> None:
-    try:
-        check()
-    except RuntimeError as exc:
-        _handshake.report_failure(ctx, op, seq, str(exc), cfg_names, device)
-        raise  # only reached if the handshake found nothing, which cannot happen with a failed status
 
 
 def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device, expect_counts=None):
@@ -121,7 +108,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
              expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq("dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "dispatch", seq, _DISPATCH_CFG, x.device, lambda: checks.check_dispatch(
+    _handshake.run_checks(ctx, "dispatch", seq, _DISPATCH_CFG, x.device, lambda: checks.check_dispatch(
         x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,
         expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type))
     local = num_experts // num_ranks
@@ -179,7 +166,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts,
             matrix.cumsum(0).to(torch.int32), send_counts.to(torch.int32).view(num_ranks, 1),
             torch.zeros(num_ranks, 1, dtype=torch.int32, device=x.device),
-            _padded(fmt.view(recv_meta, "src_idx").view(n), total, -1), send_head, _next_seq(comm_seq, x))
+            _padded(fmt.view(recv_meta, "src_idx").view(n), total, -1), send_head, _handshake.next_comm_seq(comm_seq, x))
 
 
 def _handle_rows_status(valid: int, rows: int):
@@ -190,7 +177,7 @@ def _handle_rows_status(valid: int, rows: int):
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq("cached_dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "cached_dispatch", seq, _CACHED_CFG, x.device,
+    _handshake.run_checks(ctx, "cached_dispatch", seq, _CACHED_CFG, x.device,
                 lambda: checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks))
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
     cfg = [x.shape[1], dtype_code(x.dtype), _width(x_scales), dtype_code(None if x_scales is None else x_scales.dtype),
@@ -210,13 +197,13 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None
                      else x.new_empty((total, 0), dtype=torch.float32))
     recv_topk_weights = (_padded(fmt.view(recv_meta, "topk_weights"), total, 0) if topk_weights is not None
                          else x.new_empty((total, 0), dtype=torch.float32))
-    return _payload_out(recv, x.dtype, total), recv_x_scales, recv_topk_weights, _next_seq(comm_seq, x)
+    return _payload_out(recv, x.dtype, total), recv_x_scales, recv_topk_weights, _handshake.next_comm_seq(comm_seq, x)
 
 
 def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
     ctx = _registry.get(group_name)
     seq, num_ranks, rank = ctx.next_seq("combine", x.shape[0]), ctx.num_ranks, ctx.rank
-    _run_checks(ctx, "combine", seq, _COMBINE_CFG, x.device,
+    _handshake.run_checks(ctx, "combine", seq, _COMBINE_CFG, x.device,
                 lambda: checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks))
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
     column = rank_prefix_matrix[:, rank].long()
@@ -245,7 +232,7 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
     if topk_weights is not None:
         combined_w = torch.zeros(num_tokens, topk_weights.shape[1], device=x.device)
         combined_w.index_add_(0, token, fmt.view(recv_meta, "topk_weights"))
-    return acc.to(x.dtype), combined_w, _next_seq(comm_seq, x)
+    return acc.to(x.dtype), combined_w, _handshake.next_comm_seq(comm_seq, x)
 
 
 # --- autograd: dispatch.backward = combine, combine.backward = cached dispatch ------------------------
