@@ -35,12 +35,13 @@ def per_token_int8(x: torch.Tensor, eps: float = INT8_NORMAL_EPS) -> tuple[torch
         ``(q, scale)``: ``q`` int8 ``[num_tokens, hidden]`` and ``scale`` float32 ``[num_tokens]`` with
         ``x ≈ q * scale[:, None]``.
     """
-    xf = x.float()
-    scale = (xf.abs().amax(dim=-1) + eps) / INT8_MAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xf / safe.unsqueeze(-1)).clamp_(-INT8_MAX, INT8_MAX)
-    q = torch.where(scale.unsqueeze(-1) > 0, q, torch.zeros_like(q))
-    return q.to(torch.int8), scale
+    low, high = torch.aminmax(x, dim=-1)  # exact in x's dtype, no |x| temporary
+    amax = torch.maximum(high.float(), -low.float())
+    scale = (amax + eps) / INT8_MAX
+    # One fp32 temporary, updated in place: this runs over the whole payload in normal-mode INT8.
+    # An all-zero row has scale 0 (eps = 0); dividing it by 1 instead keeps its zeros.
+    q = x.to(torch.float32, copy=True).div_(torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1))
+    return q.round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 
 def dequant_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

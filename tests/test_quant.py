@@ -53,3 +53,11 @@ def test_fp8_bound():
     err = (quant.dequant_fp8(q, s) - x).abs()
     # e4m3 has 3 mantissa bits: relative rounding error <= 2^-4 of the value (normal range).
     assert bool((err <= x.abs() * 2 ** -4 + s.repeat_interleave(128, dim=1) * 2 ** -9).all())
+
+
+def test_quantization_leaves_its_input_alone():
+    x = torch.randn(4, 256)
+    before = x.clone()
+    quant.per_token_int8(x)
+    quant.per_block_fp8(x)
+    assert torch.equal(x, before)
