@@ -91,11 +91,6 @@ def next_comm_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Te
     return torch.zeros(1, dtype=torch.int64, device=like.device) if comm_seq is None else comm_seq + 1
 
 
-def recv_counts(rows: torch.Tensor, rank: int) -> torch.Tensor:
-    """``[R]`` rows each source sends to ``rank``, from the exchanged header."""
-    return rows[:, _COUNTS + rank]
-
-
 def send_matrix(rows: torch.Tensor) -> torch.Tensor:
     """``[R, R]``: entry ``[i, j]`` is the number of rows rank ``i`` sends to rank ``j``."""
     return rows[:, _COUNTS:_COUNTS + rows.shape[0]]
