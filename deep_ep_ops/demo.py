@@ -99,23 +99,27 @@ def _worker(rank: int, args, port: int) -> None:
         err_ref = (out.float() - want.float()).abs().max().item() if out.numel() else 0.0
         err_dense = (out.float() - _dense(x, idx, w, w13, w2)).abs().max().item() if out.numel() else 0.0
         worst_ref, worst_dense = max(worst_ref, err_ref), max(worst_dense, err_dense)
-        row = (rank, x.shape[0], int(per_rank.sum()), recv_x.shape[0], times, err_ref, err_dense)
-        rows = [None] * args.ranks
-        dist.all_gather_object(rows, row)
+        # Tensors, not all_gather_object: that needs NumPy, which torch does not depend on.
+        row = torch.tensor([rank, x.shape[0], int(per_rank.sum()), recv_x.shape[0], *(times[k] for k in _OPS),
+                            err_ref, err_dense], dtype=torch.float64)
+        rows = [torch.empty_like(row) for _ in range(args.ranks)]
+        dist.all_gather(rows, row)
         if rank == 0:
-            _print_step(step, args, rows, counts)
+            _print_step(step, args, [r.tolist() for r in rows], counts)
     buf.destroy()
-    summary = [None] * args.ranks
-    dist.all_gather_object(summary, (worst_ref, worst_dense))
+    worst = torch.tensor([worst_ref, worst_dense], dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    ok = worst[0].item() == 0.0
     if rank == 0:
-        ref_max = max(s[0] for s in summary)
-        dense_max = max(s[1] for s in summary)
-        ok = ref_max == 0.0
         print(f"\n{'PASS' if ok else 'FAIL'}: {args.steps} steps on {args.ranks} ranks; max |out - reference| = "
-              f"{ref_max:.3g} (must be 0), max |out - dense fp32 MoE| = {dense_max:.3g} (bf16 rounding)", flush=True)
+              f"{worst[0].item():.3g} (must be 0), max |out - dense fp32 MoE| = {worst[1].item():.3g} (bf16 rounding)",
+              flush=True)
     dist.destroy_process_group()
     if rank == 0 and not ok:
         sys.exit(1)
+
+
+_OPS = ("layout", "dispatch", "experts", "combine")
 
 
 def _print_step(step: int, args, rows, counts) -> None:
@@ -123,9 +127,9 @@ def _print_step(step: int, args, rows, counts) -> None:
     header = (f"{'rank':>4} {'tokens':>6} {'sent':>5} {'recv':>5} {'layout ms':>9} {'dispatch ms':>11} "
               f"{'experts ms':>10} {'combine ms':>10} {'err vs ref':>10} {'err vs dense':>12}")
     print(header)
-    for rank, n, sent, recv, t, err_ref, err_dense in rows:
-        print(f"{rank:>4} {n:>6} {sent:>5} {recv:>5} {t['layout'] * 1e3:>9.2f} {t['dispatch'] * 1e3:>11.2f} "
-              f"{t['experts'] * 1e3:>10.2f} {t['combine'] * 1e3:>10.2f} {err_ref:>10.3g} {err_dense:>12.3g}")
+    for rank, n, sent, recv, layout_s, dispatch_s, experts_s, combine_s, err_ref, err_dense in rows:
+        print(f"{int(rank):>4} {int(n):>6} {int(sent):>5} {int(recv):>5} {layout_s * 1e3:>9.2f} {dispatch_s * 1e3:>11.2f} "
+              f"{experts_s * 1e3:>10.2f} {combine_s * 1e3:>10.2f} {err_ref:>10.3g} {err_dense:>12.3g}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
