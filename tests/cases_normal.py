@@ -109,7 +109,8 @@ def dispatch_combine(rank: int, world: int, case: Case, opts: dict) -> int:
         assert counts == ([] if worst else ref.num_recv_tokens_per_expert.tolist()), (counts, ref.num_recv_tokens_per_expert)
         assert_same("handle", handle, ref.handle)
         if worst:
-            assert recv_x[0].shape[0] if isinstance(recv_x, tuple) else recv_x.shape[0] == worst
+            rows = recv_x[0].shape[0] if isinstance(recv_x, tuple) else recv_x.shape[0]
+            assert rows == worst, (rows, worst)
 
         if opts.get("cached"):
             x2 = tuple(t.clone() for t in x) if fp8 else x * 2
