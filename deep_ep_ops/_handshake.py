@@ -96,11 +96,15 @@ def send_matrix(rows: torch.Tensor) -> torch.Tensor:
     return rows[:, _COUNTS:_COUNTS + rows.shape[0]]
 
 
+def expert_out_of_range(op: str, num_experts, token: int, slot: int, value: int) -> str:
+    """The error for an expert id outside ``[-1, num_experts)`` (local layout and handshake alike)."""
+    return f"deepep::{op}: expected topk_idx values in [-1, {num_experts}), got {value} at token {token}, slot {slot}"
+
+
 def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: dict[str, int]) -> str:
     code, a0, a1, a2 = status
     if code == STATUS_EXPERT_OUT_OF_RANGE:
-        return (f"deepep::{op}: expected topk_idx values in [-1, {cfg.get('num_experts')}), got {a2} at "
-                f"token {a0}, slot {a1} (on rank {rank})")
+        return f"{expert_out_of_range(op, cfg.get('num_experts'), a0, a1, a2)} (on rank {rank})"
     if code == STATUS_LAYOUT_MISMATCH:
         return (f"deepep::{op}: expected is_token_in_rank to match topk_idx (compute both with "
                 f"get_dispatch_layout on the same topk_idx), got is_token_in_rank[{a0}, {a1}] = {bool(a2)} "

@@ -99,8 +99,7 @@ def get_dispatch_layout(topk_idx, num_experts, group_name):
     checks.check_layout(topk_idx, num_experts, ctx.num_ranks)
     status = _expert_id_status(topk_idx, num_experts)
     if status is not None:
-        raise RuntimeError(f"deepep::get_dispatch_layout: expected topk_idx values in [-1, {num_experts}), got "
-                           f"{status[3]} at token {status[1]}, slot {status[2]}")
+        raise RuntimeError(_handshake.expert_out_of_range("get_dispatch_layout", num_experts, *status[1:]))
     return layout.get_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks_per_node)
 
 
