@@ -6,6 +6,8 @@ Fields start at 8-byte offsets so that every field can be viewed back as its dty
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Codes for dtypes in handshake headers (position = code).
@@ -17,13 +19,28 @@ def dtype_code(dtype: torch.dtype | None) -> int:
     return -1 if dtype is None else DTYPES.index(dtype)
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim is dense (so that a dtype view of it is legal), else a dense copy.
+
+    An empty tensor may carry any strides (all 0 after an ``expand``, for instance); ``contiguous()``
+    keeps them because an empty tensor counts as contiguous, and no dtype view accepts them. A rank with
+    no tokens is the normal case in decode, so every byte view of a caller's tensor goes through here.
+    """
+    if t.dim() == 0 or t.stride(-1) == 1:
+        return t
+    if t.numel() == 0:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return t.contiguous()
+
+
 def words(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` ``[n, ...]`` (any dtype, last dim contiguous) viewed as the widest integer words that fit.
+    """``rows`` ``[n, ...]`` (any dtype and strides) viewed as the widest integer words that fit.
 
     Row copies (``index_select``/``index_copy_``) cost per element on CPU: moving 14 KB rows as int64
     is about 7x faster than as bytes, and ``index_select`` about 20x faster than advanced indexing.
     """
-    b = rows.reshape(rows.shape[0], -1) if rows.dim() != 2 else rows
+    rows = dense(rows)
+    b = rows.reshape(rows.shape[0], math.prod(rows.shape[1:])) if rows.dim() != 2 else rows
     b = b.view(torch.uint8)
     for dtype in (torch.int64, torch.int32, torch.int16):
         size = dtype.itemsize
@@ -35,8 +52,6 @@ def words(rows: torch.Tensor) -> torch.Tensor:
 def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``rows[index]`` as uint8 ``[len(index), row bytes]``, via the fast word-wise ``index_select``.
     Rows that are not contiguous (e.g. column-major FP8 scales) are made so first."""
-    if rows.dim() > 1 and rows.stride(-1) != 1:
-        rows = rows.contiguous()
     return words(rows).index_select(0, index).view(torch.uint8)
 
 
@@ -68,7 +83,7 @@ class RowFormat:
             offset, dtype, width = self.fields[name]
             nbytes = width * dtype.itemsize
             if nbytes:
-                rows[:, offset:offset + nbytes] = value.contiguous().view(torch.uint8).reshape(num_rows, nbytes)
+                rows[:, offset:offset + nbytes] = dense(value).contiguous().view(torch.uint8).reshape(num_rows, nbytes)
         return rows
 
     def view(self, rows: torch.Tensor, name: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from meta_kernels import checks
 
 from . import _handshake, _registry, _waits, layout, quant
 from ._schemas import lib
-from ._wire import RowFormat, dtype_code, take_rows
+from ._wire import RowFormat, dense, dtype_code, take_rows
 
 _DISPATCH_CFG = ["num_experts", "hidden", "x dtype", "x_scales columns", "x_scales dtype", "quant_mode",
                  "num_topk (topk_idx)", "num_topk (topk_weights)", "num_worst_tokens"]
@@ -213,7 +213,7 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
                                  _handle_rows_status(valid, x.shape[0]), x.device, is_token_in_rank.sum(0))
     meta = [] if topk_weights is None else [("topk_weights", torch.float32, topk_weights.shape[1],
                                               topk_weights[:valid])]
-    recv, fmt, recv_meta = _exchange(ctx, "combine", seq, x[:valid].contiguous().view(torch.uint8), meta,
+    recv, fmt, recv_meta = _exchange(ctx, "combine", seq, dense(x[:valid]).contiguous().view(torch.uint8), meta,
                                      per_source, matrix[:, rank])
     _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # rows arrive destination-major, like dispatch sent them
     num_tokens = is_token_in_rank.shape[0]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ._wire import dense
+
 FP8_MAX = 448.0
 FP8_BLOCK = 128
 FP8_AMAX_FLOOR = 1e-4
@@ -51,8 +53,8 @@ def dequant_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def pack_ue8m0(scales: torch.Tensor) -> torch.Tensor:
     """Packs power-of-two float32 scales ``[..., B]`` (``B % 4 == 0``) into int32 ``[..., B // 4]``."""
-    exponent = (scales.contiguous().view(torch.int32) >> 23) & 0xFF
-    exponent = exponent.view(*scales.shape[:-1], -1, 4)
+    exponent = (dense(scales).contiguous().view(torch.int32) >> 23) & 0xFF
+    exponent = exponent.view(*scales.shape[:-1], scales.shape[-1] // 4, 4)
     shifts = torch.arange(4, device=scales.device, dtype=torch.int32) * 8
     return (exponent << shifts).sum(dim=-1, dtype=torch.int32)
 

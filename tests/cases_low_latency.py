@@ -14,6 +14,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from _data import odd_empty
 from cases_normal import assert_same, env
 from deep_ep_ops import Buffer, quant, reference
 
@@ -30,6 +31,8 @@ class LLCase:
     routing: str = "random"  # random | one_expert | duplicates
     shared: int = 0  # MOE_SHARED_EXPERT_RANK_NUM
     seed: int = 0
+    x_dtype: str = "bfloat16"
+    odd_empty: bool = False  # empty inputs get all-zero strides (see _data.odd_empty)
 
     def __str__(self):
         t = "x".join(map(str, self.tokens))
@@ -41,7 +44,7 @@ def make_inputs(case: LLCase, world: int):
     xs, idx, w = [], [], []
     for r in range(world):
         n = case.tokens[r % len(case.tokens)]
-        xs.append(torch.randn(n, case.hidden, generator=g).bfloat16())
+        xs.append(torch.randn(n, case.hidden, generator=g).to(getattr(torch, case.x_dtype)))
         if case.routing == "one_expert":
             i = torch.full((n, case.num_topk), -1, dtype=torch.int64)
             i[:, 0] = case.num_experts - 1
@@ -53,6 +56,8 @@ def make_inputs(case: LLCase, world: int):
                 i = i.masked_fill(torch.rand(n, case.num_topk, generator=g) < case.drop, -1)
         idx.append(i)
         w.append(torch.rand(n, case.num_topk, generator=g))
+    if case.odd_empty:
+        xs, idx, w = ([odd_empty(t) for t in ts] for ts in (xs, idx, w))
     return xs, idx, w
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from deep_ep_ops import Buffer, quant, reference
-from _data import Case, make_inputs
+from _data import Case, make_inputs, odd_empty
 
 
 @contextlib.contextmanager
@@ -62,6 +62,8 @@ def _to_float(recv_x, dtype=torch.bfloat16) -> torch.Tensor:
 def dispatch_combine(rank: int, world: int, case: Case, opts: dict) -> int:
     """Layout, dispatch, cached dispatch and combine against the reference; returns rows received."""
     inp = make_inputs(case, world)
+    if opts.get("odd_empty_strides"):
+        inp = {k: [odd_empty(t) for t in v] for k, v in inp.items()}
     num_experts = case.num_experts
     with_topk, with_weights = opts.get("topk", True), opts.get("weights", True)
     alignment, worst = opts.get("expert_alignment", 1), opts.get("num_worst_tokens", 0)
