@@ -35,8 +35,8 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
     w = torch.rand(tokens, 2, generator=gen)
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).bfloat16()
     xg = x.float().requires_grad_()
-    _, _, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(idx, num_experts, g)
-    out = torch.ops.deepep.dispatch(x, None, idx, w, in_rank, per_expert, num_experts, g)
+    _, _, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(idx, num_experts, g, world, world)
+    out = torch.ops.deepep.dispatch(x, None, idx, w, in_rank, per_expert, num_experts, g, world)
     handle = [out[5], out[6], out[7], out[8], in_rank, out[9]]
     recv_x = out[0]
     send_counts = in_rank.sum(0)
@@ -51,18 +51,18 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
         rows = _handshake.header(ctx, "dispatch", 0, [0] * _handshake.NUM_CFG)
         _handshake.exchange(ctx, "dispatch", 0, rows)
 
-    args_dispatch = (x, None, idx, w, in_rank, per_expert, num_experts, g)
+    args_dispatch = (x, None, idx, w, in_rank, per_expert, num_experts, g, world)
     cases = [
-        ("get_dispatch_layout", lambda: torch.ops.deepep.get_dispatch_layout(idx, num_experts, g),
-         lambda: normal.get_dispatch_layout(idx, num_experts, g), None),
+        ("get_dispatch_layout", lambda: torch.ops.deepep.get_dispatch_layout(idx, num_experts, g, world, world),
+         lambda: normal.get_dispatch_layout(idx, num_experts, g, world, world), None),
         ("dispatch", lambda: torch.ops.deepep.dispatch(*args_dispatch), lambda: normal.dispatch(*args_dispatch),
          transport(send_counts, recv_counts)),
         ("dispatch (x requires grad)", lambda: torch.ops.deepep.dispatch(xg, *args_dispatch[1:]),
          lambda: normal.dispatch(xg.detach(), *args_dispatch[1:]), transport(send_counts, recv_counts)),
-        ("dispatch.cached", lambda: torch.ops.deepep.dispatch.cached(x, None, None, handle, g),
-         lambda: normal.cached_dispatch(x, None, None, handle, g), transport(send_counts, recv_counts)),
-        ("combine", lambda: torch.ops.deepep.combine(recv_x, handle, None, None, None, g),
-         lambda: normal.combine(recv_x, handle, None, None, None, g), transport(recv_counts, send_counts)),
+        ("dispatch.cached", lambda: torch.ops.deepep.dispatch.cached(x, None, None, handle, g, world),
+         lambda: normal.cached_dispatch(x, None, None, handle, g, world), transport(send_counts, recv_counts)),
+        ("combine", lambda: torch.ops.deepep.combine(recv_x, handle, None, None, None, g, world),
+         lambda: normal.combine(recv_x, handle, None, None, None, g, world), transport(recv_counts, send_counts)),
     ]
     rows = []
     for i, (name, op_call, kernel_call, transport_call) in enumerate(cases, 1):

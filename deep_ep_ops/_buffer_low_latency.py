@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import low_latency, tuning
+from . import low_latency, ops, tuning
 from .fused import FuseMode
 
 #: ``quant_mode`` values the facade accepts (DeepEP-Ascend's names) and what the ops receive.
@@ -73,8 +73,10 @@ class LowLatencyMethods:
         if quant_mode not in QUANT_MODES:
             raise ValueError(f"deepep::{op}: expected quant_mode in {list(QUANT_MODES)}, got {quant_mode!r}")
         mode = QUANT_MODES[quant_mode] or "none"
-        args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_name, use_fp8, round_scale,
-                use_ue8m0, mode, self._env.num_shared_expert_ranks, self._env.expert_token_nums_type, self._comm_seq)
+        args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.group_name)
+        kwargs = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, quant_mode=mode,
+                      num_shared_expert_ranks=self._env.num_shared_expert_ranks,
+                      expert_token_nums_type=self._env.expert_token_nums_type, comm_seq=self._comm_seq)
         stats = cumulative_local_expert_recv_stats
 
         def account(layout_range):
@@ -83,15 +85,16 @@ class LowLatencyMethods:
 
         hook = None
         if return_recv_hook:
-            *outputs, token, self._comm_seq = torch.ops.deepep.low_latency_dispatch_send(*args)
+            sent = ops.low_latency_dispatch_send(*args, **kwargs)
+            self._comm_seq = sent.comm_seq
+            packed, scales, count, src_info, layout_range = sent.outputs
 
             def hook():
-                torch.ops.deepep.low_latency_dispatch_recv(*outputs, token, self.group_name)
-                account(outputs[4])
+                ops.low_latency_dispatch_recv(sent, self.group_name)
+                account(layout_range)
         else:
-            *outputs, self._comm_seq = torch.ops.deepep.low_latency_dispatch(*args)
-            account(outputs[4])
-        packed, scales, count, src_info, layout_range = outputs
+            packed, scales, count, (src_info, layout_range), self._comm_seq = ops.low_latency_dispatch(*args, **kwargs)
+            account(layout_range)
         quantized = mode == "int8" or use_fp8
         handle = (src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
         return (packed, scales) if quantized else packed, count, handle, self._event(async_finish, x, None), hook
@@ -122,14 +125,16 @@ class LowLatencyMethods:
         if out is not None and (tuple(out.shape) != (topk_idx.shape[0], x.shape[-1]) or out.dtype != x.dtype):
             raise ValueError(f"deepep::{op}: expected out of shape {[topk_idx.shape[0], x.shape[-1]]} and dtype "
                              f"{x.dtype}, got {list(out.shape)} and {out.dtype}")
-        args = (x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, self.group_name,
-                self._env.num_shared_expert_ranks, self._comm_seq)
+        args = (x, topk_idx, topk_weights, (src_info, layout_range), m, num_experts, self.group_name)
+        kwargs = dict(num_shared_expert_ranks=self._env.num_shared_expert_ranks, comm_seq=self._comm_seq)
         event = self._event(async_finish, x, None)
         if return_recv_hook:
-            combined, token, self._comm_seq = torch.ops.deepep.low_latency_combine_send(*args)
-            target = combined if out is None else out
-            return target, event, lambda: torch.ops.deepep.low_latency_combine_recv(target, token, self.group_name)
-        combined, self._comm_seq = torch.ops.deepep.low_latency_combine(*args)
+            sent = ops.low_latency_combine_send(*args, **kwargs)
+            self._comm_seq = sent.comm_seq
+            if out is not None:
+                sent = sent._replace(outputs=(out,))
+            return sent.outputs[0], event, lambda: ops.low_latency_combine_recv(sent, self.group_name)
+        combined, self._comm_seq = ops.low_latency_combine(*args, **kwargs)
         if out is not None:
             out.copy_(combined)
             combined = out
@@ -174,8 +179,8 @@ class LowLatencyMethods:
         if int(fuse_mode) not in (int(FuseMode.FUSED_DEEP_MOE), int(FuseMode.DISPATCH_FFN_COMBINE)):
             raise ValueError(f"deepep::fused_deep_moe: expected fuse_mode in [FuseMode.FUSED_DEEP_MOE (1), "
                              f"FuseMode.DISPATCH_FFN_COMBINE (2)], got {fuse_mode!r}")
-        output, ep_recv_count, self._comm_seq = torch.ops.deepep.fused_deep_moe(
+        output, ep_recv_count, self._comm_seq = ops.fused_deep_moe(
             x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight,
-            gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, self.group_name, quant_mode,
-            self._env.num_shared_expert_ranks, self._comm_seq)
+            gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, self.group_name, quant_mode=quant_mode,
+            num_shared_expert_ranks=self._env.num_shared_expert_ranks, comm_seq=self._comm_seq)
         return output, ep_recv_count

@@ -76,14 +76,23 @@ def report_failure(ctx, op: str, seq: int, message: str, cfg_names: list[str], d
     validate(ctx, op, seq, exchange(ctx, op, seq, rows), cfg_names)
 
 
-def run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, check) -> None:
-    """Runs ``check``; if it fails, joins the handshake with a failed status (see :func:`report_failure`)
-    so that the peers fail too, then raises."""
+def run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, prepare):
+    """Runs ``prepare`` (the op's input checks and all of its local work before the first exchange) and
+    returns its result. If it fails, for any reason, this rank joins the handshake with a failed status
+    (see :func:`report_failure`) so that its peers raise the same error instead of waiting for it."""
     try:
-        check()
-    except RuntimeError as exc:
-        report_failure(ctx, op, seq, str(exc), cfg_names, device)
+        return prepare()
+    except Exception as exc:  # noqa: BLE001  (whatever went wrong locally, the peers must hear of it)
+        report_failure(ctx, op, seq, _describe(op, exc), cfg_names, device)
         raise  # reached only if no rank reported a failure, which cannot happen here
+
+
+def _describe(op: str, exc: Exception) -> str:
+    """The text peers see: a check's own message, else the exception named, since it is not one of ours."""
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and text.startswith("deepep::"):
+        return text
+    return f"deepep::{op}: expected the local work before the exchange to succeed, got {type(exc).__name__}: {text}"
 
 
 def next_comm_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -99,6 +108,17 @@ def send_matrix(rows: torch.Tensor) -> torch.Tensor:
 def expert_out_of_range(op: str, num_experts, token: int, slot: int, value: int) -> str:
     """The error for an expert id outside ``[-1, num_experts)`` (local layout and handshake alike)."""
     return f"deepep::{op}: expected topk_idx values in [-1, {num_experts}), got {value} at token {token}, slot {slot}"
+
+
+def expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[int, int, int, int] | None:
+    """The handshake status of ``topk_idx`` with ids outside ``[-1, num_experts)`` (``None`` when all are valid)."""
+    if topk_idx is None:
+        return None
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if not bool(bad.any()):
+        return None
+    t, k = (int(i) for i in bad.nonzero()[0])
+    return STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
 
 
 def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: dict[str, int]) -> str:

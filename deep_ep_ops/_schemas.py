@@ -8,6 +8,12 @@ Conventions shared by all ops:
 
 * ``group_name`` is ``ProcessGroup.group_name``; kernels resolve it, so only tensors, scalars and strings
   cross the op boundary and the ops trace under ``torch.compile(fullgraph=True)``.
+* Every group fact that an output shape depends on is an argument too (``num_ranks``; ``rank`` where the
+  number of local experts differs between ranks; ``num_ranks_per_node`` for the per-node counts), as in
+  PyTorch's functional collectives (``all_gather_into_tensor(input, group_size, group_name)``): inductor
+  caches compiled graphs by their content, across processes, so a graph must say which group size it
+  was compiled for. Fakes read these arguments, never the group; kernels check them against the group.
+  ``deep_ep_ops.ops`` and ``Buffer`` fill them in.
 * Handles are tensors. The normal-mode handle is DeepEP V1's intranode 6-tuple, passed as ``Tensor[]``:
   ``[rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
   is_token_in_rank, send_head]``.
@@ -28,14 +34,14 @@ lib = torch.library.Library("deepep", "DEF")
 # --- normal mode (training, prefill) ---------------------------------------------------------------
 
 lib.define(
-    "get_dispatch_layout(Tensor topk_idx, int num_experts, str group_name) -> "
+    "get_dispatch_layout(Tensor topk_idx, int num_experts, str group_name, int num_ranks, int num_ranks_per_node) -> "
     "(Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor num_tokens_per_expert, "
     "Tensor is_token_in_rank)"
 )
 
 lib.define(
     "dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, "
-    "Tensor is_token_in_rank, Tensor? num_tokens_per_expert, int num_experts, str group_name, "
+    "Tensor is_token_in_rank, Tensor? num_tokens_per_expert, int num_experts, str group_name, int num_ranks, "
     "int expert_alignment=1, int num_worst_tokens=0, str quant_mode=\"none\", "
     "int expert_token_nums_type=1, Tensor? comm_seq=None) -> "
     "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, "
@@ -46,13 +52,13 @@ lib.define(
 # Cached dispatch: re-uses a previous dispatch's layout (no count exchange); the backward of combine.
 lib.define(
     "dispatch.cached(Tensor x, Tensor? x_scales, Tensor? topk_weights, Tensor[] handle, "
-    "str group_name, Tensor? comm_seq=None) -> "
+    "str group_name, int num_ranks, Tensor? comm_seq=None) -> "
     "(Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, Tensor comm_seq_out)"
 )
 
 lib.define(
     "combine(Tensor x, Tensor[] handle, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, "
-    "str group_name, Tensor? comm_seq=None) -> "
+    "str group_name, int num_ranks, Tensor? comm_seq=None) -> "
     "(Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)"
 )
 
@@ -60,7 +66,7 @@ lib.define(
 
 _LL_DISPATCH_ARGS = (
     "Tensor x, Tensor topk_idx, int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, "
-    "bool use_fp8=True, bool round_scale=False, bool use_ue8m0=False, str quant_mode=\"none\", "
+    "int num_ranks, int rank, bool use_fp8=True, bool round_scale=False, bool use_ue8m0=False, str quant_mode=\"none\", "
     "int num_shared_expert_ranks=0, int expert_token_nums_type=1, Tensor? comm_seq=None"
 )
 _LL_DISPATCH_OUT = ("Tensor packed_recv_x, Tensor packed_recv_x_scales, Tensor packed_recv_count, "
@@ -76,8 +82,8 @@ lib.define("low_latency_dispatch_recv(Tensor(a!) packed_recv_x, Tensor(b!) packe
 
 _LL_COMBINE_ARGS = (
     "Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info, Tensor layout_range, "
-    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int num_shared_expert_ranks=0, "
-    "Tensor? comm_seq=None"
+    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int num_ranks, int rank, "
+    "int num_shared_expert_ranks=0, Tensor? comm_seq=None"
 )
 lib.define(f"low_latency_combine({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tensor comm_seq_out)")
 lib.define(f"low_latency_combine_send({_LL_COMBINE_ARGS}) -> (Tensor combined_x, Tensor recv_token, "
@@ -89,7 +95,7 @@ lib.define("low_latency_combine_recv(Tensor(a!) combined_x, Tensor recv_token, s
 lib.define(
     "fused_deep_moe(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor gmm1_permuted_weight, "
     "Tensor gmm1_permuted_weight_scale, Tensor gmm2_weight, Tensor gmm2_weight_scale, "
-    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int quant_mode=1, "
+    "int num_max_dispatch_tokens_per_rank, int num_experts, str group_name, int num_ranks, int rank, int quant_mode=1, "
     "int num_shared_expert_ranks=0, Tensor? comm_seq=None) -> "
     "(Tensor output, Tensor ep_recv_count, Tensor comm_seq_out)"
 )

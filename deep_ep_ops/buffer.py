@@ -16,7 +16,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from . import _registry, _waits, config, tuning
+from . import _registry, _waits, config, ops, tuning
 from ._buffer_low_latency import QUANT_MODES, LowLatencyMethods
 from .utils import EventHandle, EventOverlap
 
@@ -164,8 +164,7 @@ class Buffer(LowLatencyMethods):
             node, num_tokens_per_expert [E] int32, is_token_in_rank [num_tokens, R] bool, event)``.
         """
         self._live("get_dispatch_layout")
-        per_rank, per_node, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(
-            topk_idx, num_experts, self.group_name)
+        per_rank, per_node, per_expert, in_rank = ops.get_dispatch_layout(topk_idx, num_experts, self.group_name)
         event = self._event(async_finish, topk_idx, previous_event)
         return per_rank, (per_node if self._ctx.num_nodes > 1 else None), per_expert, in_rank, event
 
@@ -203,8 +202,8 @@ class Buffer(LowLatencyMethods):
             if topk_idx is not None:
                 raise ValueError("deepep::dispatch: expected topk_idx=None with a handle (cached dispatch "
                                  "re-uses the handle's routing), got a tensor")
-            recv_x, recv_scales, recv_w, self._comm_seq = torch.ops.deepep.dispatch.cached(
-                x, x_scales, topk_weights, list(handle), self.group_name, self._comm_seq)
+            recv_x, recv_scales, recv_w, self._comm_seq = ops.cached_dispatch(
+                x, handle, self.group_name, x_scales=x_scales, topk_weights=topk_weights, comm_seq=self._comm_seq)
             event = self._event(async_finish, x, previous_event)
             return ((recv_x, recv_scales) if x_scales is not None else recv_x, None,
                     recv_w if topk_weights is not None else None, None, None, event)
@@ -216,13 +215,12 @@ class Buffer(LowLatencyMethods):
         mode = QUANT_MODES[quant_mode]
         if mode is None:
             mode = "int8" if self._env.normal_use_int8 and x_scales is None else "none"
-        out = torch.ops.deepep.dispatch(
-            x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
-            num_tokens_per_expert.shape[0], self.group_name, expert_alignment, num_worst_tokens, mode,
-            self._env.expert_token_nums_type, self._comm_seq)
-        recv_x, recv_scales, recv_idx, recv_w, counts = out[:5]
-        self._comm_seq = out[10]
-        handle = (out[5], out[6], out[7], out[8], is_token_in_rank, out[9])
+        recv_x, recv_scales, recv_idx, recv_w, counts, handle, self._comm_seq = ops.dispatch(
+            x, is_token_in_rank, num_tokens_per_expert.shape[0], self.group_name, x_scales=x_scales,
+            topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=num_tokens_per_expert,
+            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, quant_mode=mode,
+            expert_token_nums_type=self._env.expert_token_nums_type, comm_seq=self._comm_seq)
+        handle = tuple(handle)
         quantized = x_scales is not None or mode == "int8"
         counts_list = [] if num_worst_tokens > 0 else counts.tolist()
         return ((recv_x, recv_scales) if quantized else recv_x, recv_idx if topk_idx is not None else None,
@@ -249,6 +247,7 @@ class Buffer(LowLatencyMethods):
         if len(biases) > 2:
             raise ValueError(f"deepep::combine: expected at most 2 bias tensors, got {len(biases)}")
         biases = biases + (None,) * (2 - len(biases))
-        combined, combined_w, self._comm_seq = torch.ops.deepep.combine(
-            x, list(handle), topk_weights, biases[0], biases[1], self.group_name, self._comm_seq)
+        combined, combined_w, self._comm_seq = ops.combine(
+            x, handle, self.group_name, topk_weights=topk_weights, bias_0=biases[0], bias_1=biases[1],
+            comm_seq=self._comm_seq)
         return combined, combined_w if topk_weights is not None else None, self._event(async_finish, x, previous_event)

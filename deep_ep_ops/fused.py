@@ -31,14 +31,15 @@ class FuseMode(enum.IntEnum):
 
 
 def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight,
-                   gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, group_name, quant_mode=1,
-                   num_shared_expert_ranks=0, comm_seq=None):
+                   gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
+                   quant_mode=1, num_shared_expert_ranks=0, comm_seq=None):
     op = "fused_deep_moe"
     ctx = _registry.get(group_name)
-    num_ranks, rank, m = ctx.num_ranks, ctx.rank, num_max_dispatch_tokens_per_rank
+    m = num_max_dispatch_tokens_per_rank
     weights = (gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale)
     state = low_latency.dispatch_send(
-        x, topk_idx, m, num_experts, group_name, False, False, False, "int8" if quant_mode == 1 else "none",
+        x, topk_idx, m, num_experts, group_name, num_ranks, rank, False, False, False,
+        "int8" if quant_mode == 1 else "none",
         num_shared_expert_ranks, 1, op=op, cfg_names=_CFG,
         check=lambda: checks.check_fused(x, topk_idx, topk_weights, *weights, m, num_experts, num_ranks, rank,
                                          num_shared_expert_ranks, quant_mode),

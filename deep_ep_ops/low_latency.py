@@ -55,7 +55,9 @@ def send_plan(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: in
     n, k = topk_idx.shape
     local_n = num_experts // (num_ranks - num_shared)
     device = topk_idx.device
-    valid = topk_idx >= 0
+    # Ids out of range count as unused here, so that planning never fails: the handshake then fails
+    # every rank on the device (see _agree).
+    valid = (topk_idx >= 0) & (topk_idx < num_experts)
     first = (topk_idx.unsqueeze(2) == topk_idx.unsqueeze(1)).to(torch.int8).argmax(dim=2)
     is_first = first == torch.arange(k, device=device)
     dest = torch.where(valid, num_shared + torch.div(topk_idx, local_n, rounding_mode="floor"), -1)
@@ -90,13 +92,29 @@ def send_plan(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: in
 
 def _agree(ctx, op: str, seq: int, cfg: list[int], topk_idx: torch.Tensor, num_experts: int, device,
            cfg_names: list[str] = _CFG) -> None:
-    """Header exchange validated on the device; expert ids out of range fail every rank."""
+    """The header exchange, validated on the device (no host sync, graph-capturable); expert ids out of
+    range fail every rank.
+
+    The status words name the first bad id (token, slot, value) from device arithmetic alone. When the
+    device assertion fires on CPU, where it is synchronous, every rank reads the received rows back and
+    raises the same detailed error as the normal-mode ops; on accelerators the peers of a rank with bad
+    input raise the fixed message of the assertion.
+    """
     rows = _handshake.header(ctx, op, seq, cfg, device=device)
-    bad = ((topk_idx < -1) | (topk_idx >= num_experts)).any()
-    rows[:, 3] = bad.to(torch.int64) * _handshake.STATUS_EXPERT_OUT_OF_RANGE
+    if topk_idx.numel():
+        bad = ((topk_idx < -1) | (topk_idx >= num_experts)).flatten()
+        first = bad.to(torch.int8).argmax()
+        k = topk_idx.shape[1]
+        rows[:, 3:7] = torch.stack([bad.any() * _handshake.STATUS_EXPERT_OUT_OF_RANGE, first // k, first % k,
+                                    topk_idx.flatten()[first]])
     received = _handshake.exchange(ctx, op, seq, rows)
     what = ", ".join(cfg_names[:5]) + " and the wire format"
-    _handshake.validate_on_device(received, rows[0], op, what + " (and topk_idx values in [-1, num_experts))")
+    try:
+        _handshake.validate_on_device(received, rows[0], op, what + " (and topk_idx values in [-1, num_experts))")
+    except RuntimeError:
+        if torch.device(device).type == "cpu":
+            _handshake.validate(ctx, op, seq, received, cfg_names)
+        raise
 
 
 @dataclasses.dataclass
@@ -127,49 +145,50 @@ def alloc_dispatch_outputs(x, num_local: int, num_ranks: int, m: int, fmt_name: 
             x.new_empty((num_local, num_ranks), dtype=torch.int64))
 
 
-def dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0, quant_mode,
-                  num_shared, expert_token_nums_type, op: str = "low_latency_dispatch", check=None,
+def dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
+                  quant_mode, num_shared, expert_token_nums_type, op: str = "low_latency_dispatch", check=None,
                   cfg_tail: tuple[int, int] | None = None, cfg_names: list[str] = _CFG) -> DispatchState:
-    """Checks, handshake, quantization, send plan and the start of the exchange.
+    """Checks and local work (quantization, send plan, send buffer), handshake, and the start of the exchange.
 
     ``op``, ``check`` (extra checks), ``cfg_tail`` (the last two handshake words) and ``cfg_names`` let
     ``fused_deep_moe`` reuse it under its own name and settings.
     """
     ctx = _registry.get(group_name)
-    num_ranks, rank = ctx.num_ranks, ctx.rank
     seq = ctx.next_seq(op, x.shape[0])
+    fmt_name = wire_format(use_fp8, quant_mode)
 
-    def checks_all():
+    def prepare():
+        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks), rank=(rank, ctx.rank))
         checks.check_low_latency_dispatch(x, topk_idx, m, num_experts, num_ranks, use_fp8, round_scale, use_ue8m0,
                                           quant_mode, num_shared, expert_token_nums_type, op=op)
         if check is not None:
             check()
+        data, scales = quant.low_latency_wire(x, fmt_name == "fp8", round_scale, use_ue8m0, quant_mode)
+        fields = [("x", data.dtype, data.shape[1])]
+        if scales is not None:
+            fields.append(("scales", scales.dtype, 1 if scales.dim() == 1 else scales.shape[1]))
+        fmt = RowFormat(fields + [("meta", torch.int32, 2)])
+        plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+        n, cols = plan.slot.shape
+        # One packed row per token plus an all-zero row for empty slots; the send buffer is then a single
+        # gather through the inverse of the plan, and only the per-slot meta differs between copies.
+        token_rows = torch.zeros(n + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
+        fmt.pack(n, x.device, out=token_rows[:n], x=data, **({"scales": scales} if scales is not None else {}))
+        slots = plan.slot.flatten()
+        token = torch.arange(n, device=x.device).repeat_interleave(cols)
+        source = torch.full((plan.total + 1,), n, dtype=torch.int64, device=x.device)
+        source.index_copy_(0, slots, token)
+        meta = torch.full((plan.total + 1, 2), -1, dtype=torch.int32, device=x.device)
+        meta.index_copy_(0, slots, torch.stack([plan.local.flatten(), token], dim=1).to(torch.int32))
+        send = take_rows(token_rows, source[:plan.total])
+        fmt.field_bytes(send, "meta").copy_(meta[:plan.total].view(torch.uint8))
+        return fmt, plan, send
 
-    _handshake.run_checks(ctx, op, seq, cfg_names, x.device, checks_all)
-    fmt_name = wire_format(use_fp8, quant_mode)
+    fmt, plan, send = _handshake.run_checks(ctx, op, seq, cfg_names, x.device, prepare)
     tail = (int(round_scale), int(use_ue8m0)) if cfg_tail is None else cfg_tail
     cfg = [m, num_experts, x.shape[1], topk_idx.shape[1], num_shared, ["bf16", "fp8", "int8"].index(fmt_name),
            dtype_code(x.dtype), *tail]
     _agree(ctx, op, seq, cfg, topk_idx, num_experts, x.device, cfg_names)
-    data, scales = quant.low_latency_wire(x, fmt_name == "fp8", round_scale, use_ue8m0, quant_mode)
-    fields = [("x", data.dtype, data.shape[1])]
-    if scales is not None:
-        fields.append(("scales", scales.dtype, 1 if scales.dim() == 1 else scales.shape[1]))
-    fmt = RowFormat(fields + [("meta", torch.int32, 2)])
-    plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
-    n, cols = plan.slot.shape
-    # One packed row per token plus an all-zero row for empty slots; the send buffer is then a single
-    # gather through the inverse of the plan, and only the per-slot meta differs between copies.
-    token_rows = torch.zeros(n + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
-    fmt.pack(n, x.device, out=token_rows[:n], x=data, **({"scales": scales} if scales is not None else {}))
-    slots = plan.slot.flatten()
-    token = torch.arange(n, device=x.device).repeat_interleave(cols)
-    source = torch.full((plan.total + 1,), n, dtype=torch.int64, device=x.device)
-    source.index_copy_(0, slots, token)
-    meta = torch.full((plan.total + 1, 2), -1, dtype=torch.int32, device=x.device)
-    meta.index_copy_(0, slots, torch.stack([plan.local.flatten(), token], dim=1).to(torch.int32))
-    send = take_rows(token_rows, source[:plan.total])
-    fmt.field_bytes(send, "meta").copy_(meta[:plan.total].view(torch.uint8))
     num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
     pending = ctx.transport.all_to_all(send, plan.caps, [cap] * num_ranks)
@@ -239,15 +258,14 @@ def dispatch_recv(ctx, state: DispatchState, outputs) -> None:
     count.copy_(layout.expert_counts_output(per_expert.to(torch.int32), state.expert_token_nums_type))
 
 
-def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, use_fp8=True,
-                         round_scale=False, use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0,
-                         expert_token_nums_type=1, comm_seq=None):
-    state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, use_fp8,
-                          round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
-    ctx = _registry.get(group_name)
-    outputs = alloc_dispatch_outputs(x, state.num_local, ctx.num_ranks, num_max_dispatch_tokens_per_rank,
+def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
+                         use_fp8=True, round_scale=False, use_ue8m0=False, quant_mode="none",
+                         num_shared_expert_ranks=0, expert_token_nums_type=1, comm_seq=None):
+    state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
+                          use_fp8, round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
+    outputs = alloc_dispatch_outputs(x, state.num_local, num_ranks, num_max_dispatch_tokens_per_rank,
                                      wire_format(use_fp8, quant_mode), use_ue8m0)
-    dispatch_recv(ctx, state, outputs)
+    dispatch_recv(_registry.get(group_name), state, outputs)
     return (*outputs, _handshake.next_comm_seq(comm_seq, x))
 
 
@@ -261,29 +279,34 @@ class CombineState:
     received: torch.Tensor | None = None
 
 
-def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
+def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks, rank,
                  num_shared) -> CombineState:
     ctx = _registry.get(group_name)
-    op, num_ranks, rank = "low_latency_combine", ctx.num_ranks, ctx.rank
+    op = "low_latency_combine"
     seq = ctx.next_seq(op, x.shape[0])
-    _handshake.run_checks(ctx, op, seq, _CFG, x.device, lambda: checks.check_low_latency_combine(
-        x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, num_ranks, rank, num_shared))
+
+    def prepare():
+        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks), rank=(rank, ctx.rank))
+        checks.check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
+                                         num_ranks, rank, num_shared)
+        # Expert side: chunk for source s = its rows in the order it sent them (local expert, token).
+        num_local, rows, hidden = x.shape
+        counts = (layout_range & 0xFFFFFFFF).t()  # [R, L]
+        begin = (layout_range >> 32).t()
+        cum = torch.cumsum(counts, 1)
+        cap = chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
+        j = torch.arange(cap, device=x.device).expand(num_ranks, cap).contiguous()
+        expert = torch.searchsorted(cum, j, right=True)
+        valid = expert < num_local
+        expert = expert.clamp(max=num_local - 1)
+        offset = j - (cum - counts).gather(1, expert)
+        flat = torch.where(valid, expert * rows + begin.gather(1, expert) + offset, 0)
+        send = take_rows(x.reshape(num_local * rows, hidden), flat.flatten())
+        return cap, send, send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+
+    cap, send, plan = _handshake.run_checks(ctx, op, seq, _CFG, x.device, prepare)
     cfg = [m, num_experts, x.shape[2], topk_idx.shape[1], num_shared, 0, dtype_code(x.dtype), 0, 0]
     _agree(ctx, op, seq, cfg, topk_idx, num_experts, x.device)
-    # Expert side: chunk for source s = its rows in the order it sent them (local expert, token).
-    num_local, rows, hidden = x.shape
-    counts = (layout_range & 0xFFFFFFFF).t()  # [R, L]
-    begin = (layout_range >> 32).t()
-    cum = torch.cumsum(counts, 1)
-    cap = chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
-    j = torch.arange(cap, device=x.device).expand(num_ranks, cap).contiguous()
-    expert = torch.searchsorted(cum, j, right=True)
-    valid = expert < num_local
-    expert = expert.clamp(max=num_local - 1)
-    offset = j - (cum - counts).gather(1, expert)
-    flat = torch.where(valid, expert * rows + begin.gather(1, expert) + offset, 0)
-    send = take_rows(x.reshape(num_local * rows, hidden), flat.flatten())
-    plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
     pending = ctx.transport.all_to_all(send, [cap] * num_ranks, plan.caps)
     return CombineState(pending, plan, topk_weights, x.dtype, seq)
 
@@ -303,9 +326,9 @@ def combine_recv(ctx, state: CombineState, out: torch.Tensor) -> None:
 
 
 def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                        num_experts, group_name, num_shared_expert_ranks=0, comm_seq=None):
+                        num_experts, group_name, num_ranks, rank, num_shared_expert_ranks=0, comm_seq=None):
     state = combine_send(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                         num_experts, group_name, num_shared_expert_ranks)
+                         num_experts, group_name, num_ranks, rank, num_shared_expert_ranks)
     out = x.new_empty((topk_idx.shape[0], x.shape[2]))
     combine_recv(_registry.get(group_name), state, out)
     return out, _handshake.next_comm_seq(comm_seq, x)
@@ -330,15 +353,14 @@ def _claim(ctx, token: torch.Tensor, op: str):
     return state
 
 
-def low_latency_dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name,
-                              use_fp8=True, round_scale=False, use_ue8m0=False, quant_mode="none",
+def low_latency_dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks,
+                              rank, use_fp8=True, round_scale=False, use_ue8m0=False, quant_mode="none",
                               num_shared_expert_ranks=0, expert_token_nums_type=1, comm_seq=None):
-    state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, use_fp8,
-                          round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
-    ctx = _registry.get(group_name)
-    outputs = alloc_dispatch_outputs(x, state.num_local, ctx.num_ranks, num_max_dispatch_tokens_per_rank,
+    state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
+                          use_fp8, round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
+    outputs = alloc_dispatch_outputs(x, state.num_local, num_ranks, num_max_dispatch_tokens_per_rank,
                                      wire_format(use_fp8, quant_mode), use_ue8m0)
-    return (*outputs, _hold(ctx, state), _handshake.next_comm_seq(comm_seq, x))
+    return (*outputs, _hold(_registry.get(group_name), state), _handshake.next_comm_seq(comm_seq, x))
 
 
 def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_count, src_info, layout_range,
@@ -349,11 +371,11 @@ def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_c
 
 
 def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                             num_experts, group_name, num_shared_expert_ranks=0, comm_seq=None):
+                             num_experts, group_name, num_ranks, rank, num_shared_expert_ranks=0, comm_seq=None):
     state = combine_send(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,
-                         num_experts, group_name, num_shared_expert_ranks)
-    ctx = _registry.get(group_name)
-    return x.new_empty((topk_idx.shape[0], x.shape[2])), _hold(ctx, state), _handshake.next_comm_seq(comm_seq, x)
+                         num_experts, group_name, num_ranks, rank, num_shared_expert_ranks)
+    return (x.new_empty((topk_idx.shape[0], x.shape[2])), _hold(_registry.get(group_name), state),
+            _handshake.next_comm_seq(comm_seq, x))
 
 
 def low_latency_combine_recv(combined_x, recv_token, group_name) -> None:

@@ -36,16 +36,6 @@ def _fingerprint(rank_prefix_matrix: torch.Tensor) -> int:
     return int((flat * weights).sum()) % (1 << 62)
 
 
-def _expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[int, int, int, int] | None:
-    if topk_idx is None:
-        return None
-    bad = (topk_idx < -1) | (topk_idx >= num_experts)
-    if not bool(bad.any()):
-        return None
-    t, k = (int(i) for i in bad.nonzero()[0])
-    return _handshake.STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
-
-
 def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device, expect_counts=None):
     rows = _handshake.header(ctx, op, seq, cfg, send_counts, status or (0, 0, 0, 0), device, expect_counts)
     received = _handshake.exchange(ctx, op, seq, rows)
@@ -94,46 +84,56 @@ def _meta(fields: list, token: torch.Tensor, **tensors: torch.Tensor | None) -> 
             fields.append((name, t.dtype, 1 if t.dim() == 1 else t.shape[1], take_rows(t, token)))
 
 
-def get_dispatch_layout(topk_idx, num_experts, group_name):
+def get_dispatch_layout(topk_idx, num_experts, group_name, num_ranks, num_ranks_per_node):
+    op = "get_dispatch_layout"
     ctx = _registry.get(group_name)
-    checks.check_layout(topk_idx, num_experts, ctx.num_ranks)
-    status = _expert_id_status(topk_idx, num_experts)
+    checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks),
+                       num_ranks_per_node=(num_ranks_per_node, ctx.num_ranks_per_node))
+    checks.check_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+    status = _handshake.expert_id_status(topk_idx, num_experts)
     if status is not None:
-        raise RuntimeError(_handshake.expert_out_of_range("get_dispatch_layout", num_experts, *status[1:]))
-    return layout.get_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks_per_node)
+        raise RuntimeError(_handshake.expert_out_of_range(op, num_experts, *status[1:]))
+    return layout.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
 
 
 def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, group_name,
-             expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1, comm_seq=None):
+             num_ranks, expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1,
+             comm_seq=None):
+    op = "dispatch"
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq("dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
-    _handshake.run_checks(ctx, "dispatch", seq, _DISPATCH_CFG, x.device, lambda: checks.check_dispatch(
-        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,
-        expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type))
-    local = num_experts // num_ranks
-    status = _expert_id_status(topk_idx, num_experts)
-    if status is None and topk_idx is not None:
-        expected = layout.token_in_rank(layout.expert_rank(topk_idx, local), num_ranks)
-        wrong = expected != is_token_in_rank
-        if bool(wrong.any()):
-            t, r = (int(i) for i in wrong.nonzero()[0])
-            status = (_handshake.STATUS_LAYOUT_MISMATCH, t, r, int(is_token_in_rank[t, r]))
-    data, scales = quant.per_token_int8(x) if quant_mode == "int8" else (x, x_scales)
+    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
+    local = num_experts // max(num_ranks, 1)
+
+    def prepare():
+        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                              num_experts, num_ranks, expert_alignment, num_worst_tokens, quant_mode,
+                              expert_token_nums_type)
+        status = _handshake.expert_id_status(topk_idx, num_experts)
+        if status is None and topk_idx is not None:
+            expected = layout.token_in_rank(layout.expert_rank(topk_idx, local), num_ranks)
+            wrong = expected != is_token_in_rank
+            if bool(wrong.any()):
+                t, r = (int(i) for i in wrong.nonzero()[0])
+                status = (_handshake.STATUS_LAYOUT_MISMATCH, t, r, int(is_token_in_rank[t, r]))
+        data, scales = quant.per_token_int8(x) if quant_mode == "int8" else (x, x_scales)
+        _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
+        meta = [("src_idx", torch.int32, 1, token.to(torch.int32))]
+        _meta(meta, token, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights)
+        return status, data, scales, take_rows(data, token), meta
+
+    status, data, scales, payload, meta = _handshake.run_checks(ctx, op, seq, _DISPATCH_CFG, x.device, prepare)
     cfg = [num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
            dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
            _width(topk_idx), _width(topk_weights), num_worst_tokens]
     send_counts = is_token_in_rank.sum(0)
-    matrix = _handshake_or_raise(ctx, "dispatch", seq, cfg, _DISPATCH_CFG, send_counts, status, x.device)
+    matrix = _handshake_or_raise(ctx, op, seq, cfg, _DISPATCH_CFG, send_counts, status, x.device)
     recv_totals = matrix.sum(0)
     if num_worst_tokens > 0 and bool((recv_totals > num_worst_tokens).any()):
         r = int((recv_totals > num_worst_tokens).nonzero()[0])
         raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
                            f"per rank, got {int(recv_totals[r])} on rank {r}")
-
-    _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
-    meta = [("src_idx", torch.int32, 1, token.to(torch.int32))]
-    _meta(meta, token, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights)
-    recv, fmt, recv_meta = _exchange(ctx, "dispatch", seq, take_rows(data, token), meta, send_counts, matrix[:, rank])
+    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, send_counts, matrix[:, rank])
 
     n = recv.shape[0]
     total = max(n, num_worst_tokens)
@@ -158,7 +158,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     else:
         ones = [1] * num_ranks
         pending = ctx.transport.all_to_all(num_tokens_per_expert.view(num_ranks, local).long(), ones, ones)
-        counts = _waits.wait(ctx, pending, "dispatch", seq).sum(0).to(torch.int32)
+        counts = _waits.wait(ctx, pending, op, seq).sum(0).to(torch.int32)
     counts = layout.expert_counts_output(layout.align_up(counts, expert_alignment), expert_token_nums_type)
     order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
     send_head = torch.where(is_token_in_rank, order, torch.full_like(order, -1)).to(torch.int32)
@@ -173,24 +173,29 @@ def _handle_rows_status(valid: int, rows: int):
     return None if valid <= rows else (_handshake.STATUS_HANDLE_ROWS, valid, rows, 0)
 
 
-def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None):
+def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, comm_seq=None):
+    op = "cached_dispatch"
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq("cached_dispatch", x.shape[0]), ctx.num_ranks, ctx.rank
-    _handshake.run_checks(ctx, "cached_dispatch", seq, _CACHED_CFG, x.device,
-                lambda: checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks))
+    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
+
+    def prepare():
+        checks.check_group("dispatch", group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks)
+        is_token_in_rank = handle[4]
+        _, token = is_token_in_rank.t().nonzero(as_tuple=True)
+        meta = []
+        _meta(meta, token, scales=x_scales, topk_weights=topk_weights)
+        column = handle[0][:, rank].long()
+        status = _handle_rows_status(int(column[-1]), handle[3].shape[0])
+        return status, torch.diff(column, prepend=column.new_zeros(1)), take_rows(x, token), meta
+
+    status, expect, payload, meta = _handshake.run_checks(ctx, op, seq, _CACHED_CFG, x.device, prepare)
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
     cfg = [x.shape[1], dtype_code(x.dtype), _width(x_scales), dtype_code(None if x_scales is None else x_scales.dtype),
            _width(topk_weights), _fingerprint(rank_prefix_matrix)]
     send_counts = is_token_in_rank.sum(0)
-    column = rank_prefix_matrix[:, rank].long()
-    expect = torch.diff(column, prepend=column.new_zeros(1))
-    status = _handle_rows_status(int(column[-1]), recv_src_idx.shape[0])
-    matrix = _handshake_or_raise(ctx, "cached_dispatch", seq, cfg, _CACHED_CFG, send_counts, status, x.device, expect)
-    _, token = is_token_in_rank.t().nonzero(as_tuple=True)
-    meta = []
-    _meta(meta, token, scales=x_scales, topk_weights=topk_weights)
-    recv, fmt, recv_meta = _exchange(ctx, "cached_dispatch", seq, take_rows(x, token), meta, send_counts,
-                                     matrix[:, rank])
+    matrix = _handshake_or_raise(ctx, op, seq, cfg, _CACHED_CFG, send_counts, status, x.device, expect)
+    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, send_counts, matrix[:, rank])
     total = recv_src_idx.shape[0]
     recv_x_scales = (_padded(fmt.view(recv_meta, "scales"), total, 0) if x_scales is not None
                      else x.new_empty((total, 0), dtype=torch.float32))
@@ -199,22 +204,27 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, comm_seq=None
     return _payload_out(recv, x.dtype, total), recv_x_scales, recv_topk_weights, _handshake.next_comm_seq(comm_seq, x)
 
 
-def combine(x, handle, topk_weights, bias_0, bias_1, group_name, comm_seq=None):
+def combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm_seq=None):
+    op = "combine"
     ctx = _registry.get(group_name)
-    seq, num_ranks, rank = ctx.next_seq("combine", x.shape[0]), ctx.num_ranks, ctx.rank
-    _handshake.run_checks(ctx, "combine", seq, _COMBINE_CFG, x.device,
-                lambda: checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks))
+    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
+
+    def prepare():
+        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks)
+        column = handle[0][:, rank].long()
+        valid = int(column[-1])
+        meta = [] if topk_weights is None else [("topk_weights", torch.float32, topk_weights.shape[1],
+                                                  topk_weights[:valid])]
+        return (_handle_rows_status(valid, x.shape[0]), torch.diff(column, prepend=column.new_zeros(1)),
+                dense(x[:valid]).contiguous().view(torch.uint8), meta)
+
+    status, per_source, payload, meta = _handshake.run_checks(ctx, op, seq, _COMBINE_CFG, x.device, prepare)
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
-    column = rank_prefix_matrix[:, rank].long()
-    per_source = torch.diff(column, prepend=column.new_zeros(1))
     cfg = [x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix)]
-    valid = int(column[-1])
-    matrix = _handshake_or_raise(ctx, "combine", seq, cfg, _COMBINE_CFG, per_source,
-                                 _handle_rows_status(valid, x.shape[0]), x.device, is_token_in_rank.sum(0))
-    meta = [] if topk_weights is None else [("topk_weights", torch.float32, topk_weights.shape[1],
-                                              topk_weights[:valid])]
-    recv, fmt, recv_meta = _exchange(ctx, "combine", seq, dense(x[:valid]).contiguous().view(torch.uint8), meta,
-                                     per_source, matrix[:, rank])
+    matrix = _handshake_or_raise(ctx, op, seq, cfg, _COMBINE_CFG, per_source, status, x.device,
+                                 is_token_in_rank.sum(0))
+    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, per_source, matrix[:, rank])
     _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # rows arrive destination-major, like dispatch sent them
     num_tokens = is_token_in_rank.shape[0]
     acc = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
@@ -251,8 +261,8 @@ def _handle_from_dispatch(inputs, output) -> list[torch.Tensor]:
 def _setup_dispatch(ctx, inputs, output):
     x, topk_weights = inputs[0], inputs[3]
     ctx.save_for_backward(*_handle_from_dispatch(inputs, output), output[2])
-    ctx.group_name = inputs[7]
-    ctx.x_grad = x.dtype in checks.FLOAT_DTYPES and inputs[10] != "int8"
+    ctx.group_name, ctx.num_ranks = inputs[7], inputs[8]
+    ctx.x_grad = x.dtype in checks.FLOAT_DTYPES and inputs[11] != "int8"
     ctx.has_weights = topk_weights is not None
     ctx.recv_shape = output[0].shape
 
@@ -265,14 +275,15 @@ def _backward_dispatch(ctx, grad_recv_x, _gs, _gi, grad_recv_topk_weights, *_res
     if ctx.has_weights and grad_recv_topk_weights is not None:
         # Slots whose expert lives elsewhere were zeroed by dispatch: no gradient from this rank.
         weights = torch.where(recv_topk_idx >= 0, grad_recv_topk_weights, torch.zeros_like(grad_recv_topk_weights))
-    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
+    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name,
+                                                 ctx.num_ranks)
     grads = (grad_x if ctx.x_grad else None, None, None, grad_w if weights is not None else None)
     return _per_input(ctx, grads)
 
 
 def _setup_cached(ctx, inputs, output):
     ctx.save_for_backward(*inputs[3])
-    ctx.group_name = inputs[4]
+    ctx.group_name, ctx.num_ranks = inputs[4], inputs[5]
     ctx.has_weights = inputs[2] is not None
     ctx.num_handle = len(inputs[3])
 
@@ -280,15 +291,16 @@ def _setup_cached(ctx, inputs, output):
 def _backward_cached(ctx, grad_recv_x, _gs, grad_recv_topk_weights, _gseq):
     handle = list(ctx.saved_tensors)
     weights = grad_recv_topk_weights if ctx.has_weights else None
-    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name)
-    grads = (grad_x, None, grad_w if ctx.has_weights else None, [None] * ctx.num_handle, None, None)
+    grad_x, grad_w, _ = torch.ops.deepep.combine(grad_recv_x, handle, weights, None, None, ctx.group_name,
+                                                 ctx.num_ranks)
+    grads = (grad_x, None, grad_w if ctx.has_weights else None, [None] * ctx.num_handle, None, None, None)
     return _per_input(ctx, grads)
 
 
 def _setup_combine(ctx, inputs, output):
     x, handle, topk_weights, bias_0, bias_1 = inputs[:5]
     ctx.save_for_backward(*handle)
-    ctx.group_name = inputs[5]
+    ctx.group_name, ctx.num_ranks = inputs[5], inputs[6]
     ctx.flags = (topk_weights is not None, bias_0 is not None, bias_1 is not None)
     ctx.num_handle = len(handle)
 
@@ -297,9 +309,10 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_w, _gseq):
     handle = list(ctx.saved_tensors)
     has_w, has_b0, has_b1 = ctx.flags
     w = grad_combined_w if has_w else None
-    grad_x, _, grad_w, _ = torch.ops.deepep.dispatch.cached(grad_combined_x, None, w, handle, ctx.group_name)
+    grad_x, _, grad_w, _ = torch.ops.deepep.dispatch.cached(grad_combined_x, None, w, handle, ctx.group_name,
+                                                            ctx.num_ranks)
     grads = (grad_x, [None] * ctx.num_handle, grad_w if has_w else None, grad_combined_x if has_b0 else None,
-             grad_combined_x if has_b1 else None, None, None)
+             grad_combined_x if has_b1 else None, None, None, None)
     return _per_input(ctx, grads)
 
 

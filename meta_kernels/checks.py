@@ -22,6 +22,13 @@ def expect(cond, op: str, expected: str, got, hint: str | None = None) -> None:
     torch._check(cond, lambda: f"deepep::{op}: expected {expected}, got {got}" + (f" ({hint})" if hint else ""))
 
 
+def check_group(op: str, group_name: str, **facts: tuple[int, int]) -> None:
+    """Each group fact passed to an op (``name=(given, the group's own)``) is the group's own value."""
+    for name, (given, actual) in facts.items():
+        expect(given == actual, op, f"{name} = {actual}, as for group {group_name!r}", given,
+               hint="a graph compiled for another group? deep_ep_ops.ops and Buffer pass the group's own values")
+
+
 def _shape(t: torch.Tensor) -> list:
     return list(t.shape)
 
@@ -60,10 +67,12 @@ def check_topk(op: str, topk_idx, topk_weights, num_tokens, device, weights_requ
         expect(topk_weights is not None, op, "topk_weights", None)
 
 
-def check_layout(topk_idx, num_experts: int, num_ranks: int) -> None:
+def check_layout(topk_idx, num_experts: int, num_ranks: int, num_ranks_per_node: int) -> None:
     op = "get_dispatch_layout"
     check_tensor(topk_idx, op, "topk_idx", 2, torch.int64)
     check_num_experts(op, num_experts, num_ranks)
+    expect(num_ranks_per_node >= 1 and num_ranks % num_ranks_per_node == 0, op,
+           f"num_ranks_per_node dividing num_ranks = {num_ranks}", num_ranks_per_node)
 
 
 def check_payload(op: str, x, x_scales, quant_mode: str = "none") -> None:

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from deep_ep_ops import _registry, layout
+from deep_ep_ops import layout
 from deep_ep_ops._schemas import lib
 from deep_ep_ops.low_latency import alloc_dispatch_outputs, wire_format
 
 from . import checks
 
 
-def _dispatch_outputs(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0, quant_mode,
+def _dispatch_outputs(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8, round_scale, use_ue8m0, quant_mode,
                       num_shared, expert_token_nums_type):
-    ctx = _registry.get(group_name)
-    checks.check_low_latency_dispatch(x, topk_idx, m, num_experts, ctx.num_ranks, use_fp8, round_scale, use_ue8m0,
+    checks.check_low_latency_dispatch(x, topk_idx, m, num_experts, num_ranks, use_fp8, round_scale, use_ue8m0,
                                       quant_mode, num_shared, expert_token_nums_type)
-    num_local = layout.num_local_experts(num_experts, ctx.num_ranks, ctx.rank, num_shared)
-    return alloc_dispatch_outputs(x, num_local, ctx.num_ranks, m, wire_format(use_fp8, quant_mode), use_ue8m0)
+    num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
+    return alloc_dispatch_outputs(x, num_local, num_ranks, m, wire_format(use_fp8, quant_mode), use_ue8m0)
 
 
 def _seq(x):
@@ -25,18 +24,19 @@ def _seq(x):
 
 
 @torch.library.register_fake("deepep::low_latency_dispatch", lib=lib)
-def low_latency_dispatch(x, topk_idx, m, num_experts, group_name, use_fp8=True, round_scale=False, use_ue8m0=False,
-                         quant_mode="none", num_shared_expert_ranks=0, expert_token_nums_type=1, comm_seq=None):
-    outputs = _dispatch_outputs(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0,
+def low_latency_dispatch(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8=True, round_scale=False,
+                         use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0, expert_token_nums_type=1,
+                         comm_seq=None):
+    outputs = _dispatch_outputs(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
                                 quant_mode, num_shared_expert_ranks, expert_token_nums_type)
     return (*outputs, _seq(x))
 
 
 @torch.library.register_fake("deepep::low_latency_dispatch_send", lib=lib)
-def low_latency_dispatch_send(x, topk_idx, m, num_experts, group_name, use_fp8=True, round_scale=False,
-                              use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0,
+def low_latency_dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8=True,
+                              round_scale=False, use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0,
                               expert_token_nums_type=1, comm_seq=None):
-    outputs = _dispatch_outputs(x, topk_idx, m, num_experts, group_name, use_fp8, round_scale, use_ue8m0,
+    outputs = _dispatch_outputs(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
                                 quant_mode, num_shared_expert_ranks, expert_token_nums_type)
     return (*outputs, torch.empty((1,), dtype=torch.int64), _seq(x))
 
@@ -47,25 +47,24 @@ def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_c
     return None
 
 
-def _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_shared):
-    ctx = _registry.get(group_name)
+def _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, num_ranks, rank, num_shared):
     checks.check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
-                                     ctx.num_ranks, ctx.rank, num_shared)
+                                     num_ranks, rank, num_shared)
     return x.new_empty((topk_idx.shape[0], x.shape[2]))
 
 
 @torch.library.register_fake("deepep::low_latency_combine", lib=lib)
 def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
-                        num_shared_expert_ranks=0, comm_seq=None):
-    out = _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
+                        num_ranks, rank, num_shared_expert_ranks=0, comm_seq=None):
+    out = _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, num_ranks, rank,
                           num_shared_expert_ranks)
     return out, _seq(x)
 
 
 @torch.library.register_fake("deepep::low_latency_combine_send", lib=lib)
 def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
-                             num_shared_expert_ranks=0, comm_seq=None):
-    out = _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name,
+                             num_ranks, rank, num_shared_expert_ranks=0, comm_seq=None):
+    out = _combine_output(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, num_ranks, rank,
                           num_shared_expert_ranks)
     return out, torch.empty((1,), dtype=torch.int64), _seq(x)
 

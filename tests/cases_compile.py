@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from deep_ep_ops import Buffer, reference
+from deep_ep_ops import Buffer, ops, reference
 
 HIDDEN, INTER, EXPERTS, TOPK = 32, 16, 8, 2
 _GROUPS: dict[str, dist.ProcessGroup] = {}
@@ -57,11 +57,11 @@ class MoE(torch.nn.Module):
     def forward_ops(self, group_name: str, x, comm_seq):
         """Against the raw ops, threading ``comm_seq``."""
         idx, w = self.route(x)
-        _, _, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(idx, EXPERTS, group_name)
-        out = torch.ops.deepep.dispatch(x, None, idx, w, in_rank, per_expert, EXPERTS, group_name, comm_seq=comm_seq)
-        handle = [out[5], out[6], out[7], out[8], in_rank, out[9]]
-        y, _, comm_seq = torch.ops.deepep.combine(self.experts(out[0], out[2], out[3]), handle, None, None, None,
-                                                  group_name, comm_seq)
+        layout = ops.get_dispatch_layout(idx, EXPERTS, group_name)
+        out = ops.dispatch(x, layout.is_token_in_rank, EXPERTS, group_name, topk_idx=idx, topk_weights=w,
+                           num_tokens_per_expert=layout.num_tokens_per_expert, comm_seq=comm_seq)
+        y, _, comm_seq = ops.combine(self.experts(out.recv_x, out.recv_topk_idx, out.recv_topk_weights), out.handle,
+                                     group_name, comm_seq=comm_seq)
         return y, comm_seq
 
 
@@ -175,3 +175,35 @@ def opcheck_all(rank: int, world: int) -> dict[str, list[dict]]:
         results[name] = [{k: str(v) for k, v in torch.library.opcheck(
             overload(name), args, test_utils=utils_for(name), raise_exception=False).items()} for args in arg_list]
     return results
+
+
+def compile_layer_dynamic(rank: int, world: int, steps: int = 2) -> dict:
+    """A layer whose graph is the same on every world size (one dense FFN applied to every received row,
+    so no parameter shape depends on the group), through the Buffer, inductor, ``mark_dynamic`` on the
+    token dim, against eager.
+
+    Run on one world size and then on another in fresh processes that share one inductor cache
+    directory: a graph whose output shapes depend on the group size must not be served to the other size.
+    """
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    gate = torch.randn(HIDDEN, EXPERTS, generator=g)
+    ffn = torch.randn(HIDDEN, HIDDEN, generator=g) * HIDDEN ** -0.5
+    buf = Buffer(dist.group.WORLD, timeout_s=120)
+
+    def layer(x):
+        w, idx = (x @ gate).softmax(dim=-1).topk(TOPK, dim=-1)
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, EXPERTS)
+        recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, topk_idx=idx, topk_weights=w, num_tokens_per_rank=per_rank,
+                                                       is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+        return buf.combine((recv_x @ ffn) * recv_w.sum(dim=1, keepdim=True), handle)[0]
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    try:
+        for step in range(steps):
+            x = _x(step, rank)
+            torch._dynamo.mark_dynamic(x, 0)
+            _close(f"step {step}", compiled(x), layer(x))
+    finally:
+        buf.destroy()
+    return {"world": world}

@@ -85,3 +85,52 @@ def dead_peer(rank: int, world: int) -> str:
     except (RuntimeError, TimeoutError) as exc:
         return str(exc)
     return "no error"
+
+
+def local_failure(rank: int, world: int, op: str, kind: str) -> str:
+    """Rank 1 alone fails in its local work before the first exchange of ``op``: either a check (bad
+    weights for the fused op) or an unexpected exception (a fault injected into quantization). Every rank
+    must raise a deepep error naming rank 1, and the group must stay usable afterwards."""
+    from unittest import mock
+
+    from cases_fused import FusedCase, local_weights
+    from cases_low_latency import LLCase, make_inputs
+    from deep_ep_ops import quant
+
+    case = FusedCase(LLCase(tokens=(4,), m=4, hidden=256, num_experts=8, num_topk=2))
+    xs, idx, w = make_inputs(case.base, world)
+    weights, _ = local_weights(case, world, rank)
+    buf = Buffer(dist.group.WORLD, low_latency_mode=True, timeout_s=30)
+
+    def run():
+        if op == "dispatch":
+            lay = buf.get_dispatch_layout(idx[rank], 8)
+            buf.dispatch(xs[rank], topk_idx=idx[rank], num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                         num_tokens_per_expert=lay[2], quant_mode="int8")
+        elif op == "low_latency_dispatch":
+            buf.low_latency_dispatch(xs[rank], idx[rank], 4, 8, use_fp8=True)
+        else:
+            buf.fused_deep_moe(xs[rank], idx[rank], w[rank], *weights, 4, 8)
+
+    def injected(*args, **kwargs):
+        raise ValueError("injected fault")
+
+    try:
+        message = "no error"
+        patch = mock.patch.object(quant, "per_token_int8" if op != "low_latency_dispatch" else "per_block_fp8",
+                                  injected)
+        if kind == "bad_weights" and rank == 1:
+            weights = (weights[0][:, :-1], *weights[1:])
+        try:
+            if kind == "fault" and rank == 1:
+                with patch:
+                    run()
+            else:
+                run()
+        except RuntimeError as exc:
+            message = str(exc)
+        weights, _ = local_weights(case, world, rank)
+        run()  # still usable
+        return message
+    finally:
+        buf.destroy()

@@ -20,32 +20,33 @@ def _routing(num_tokens: int, num_experts: int, num_topk: int, seed: int):
 def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
     """``"op.overload"`` → list of argument tuples."""
     num_experts, hidden = 8, 16
+    g = group_name
+    r = _resolve_process_group(group_name).size()
     idx, w = _routing(6 + rank, num_experts, 2, seed=rank)
-    layout = torch.ops.deepep.get_dispatch_layout(idx, num_experts, group_name)
+    layout = torch.ops.deepep.get_dispatch_layout(idx, num_experts, g, r, r)
     x = torch.randn(idx.shape[0], hidden, generator=torch.Generator().manual_seed(rank), requires_grad=True)
     w = w.requires_grad_()
     seq = torch.zeros(1, dtype=torch.int64)
-    out = torch.ops.deepep.dispatch(x.detach(), None, idx, w.detach(), layout[3], layout[2], num_experts, group_name)
+    out = torch.ops.deepep.dispatch(x.detach(), None, idx, w.detach(), layout[3], layout[2], num_experts, g, r)
     handle = [out[5], out[6], out[7], out[8], layout[3], out[9]]
     recv_x = out[0].clone().requires_grad_()
     recv_w = out[3].clone().requires_grad_()
-    worst = torch.ops.deepep.dispatch(x.detach(), None, idx, None, layout[3], layout[2], num_experts, group_name,
-                                      1, 64)
+    worst = torch.ops.deepep.dispatch(x.detach(), None, idx, None, layout[3], layout[2], num_experts, g, r, 1, 64)
     worst_handle = [worst[5], worst[6], worst[7], worst[8], layout[3], worst[9]]
     bias = torch.randn(x.shape[0], hidden, requires_grad=True)
     ll = _low_latency_samples(group_name, rank)
     return {**ll, **_fused_samples(group_name, rank),
-        "get_dispatch_layout.default": [(idx, num_experts, group_name)],
+        "get_dispatch_layout.default": [(idx, num_experts, g, r, r)],
         "dispatch.default": [
-            (x, None, idx, w, layout[3], layout[2], num_experts, group_name, 2, 0, "none", 1, seq),
-            (x, None, idx, None, layout[3], layout[2], num_experts, group_name, 1, 64, "none", 0),
+            (x, None, idx, w, layout[3], layout[2], num_experts, g, r, 2, 0, "none", 1, seq),
+            (x, None, idx, None, layout[3], layout[2], num_experts, g, r, 1, 64, "none", 0),
             # opcheck sums every output into one accumulator, which fails when the first output is the
             # int8 recv_x and later ones are float, so this sample has no requires_grad inputs.
-            (x.detach().bfloat16(), None, idx, w.detach(), layout[3], None, num_experts, group_name, 1, 0, "int8"),
+            (x.detach().bfloat16(), None, idx, w.detach(), layout[3], None, num_experts, g, r, 1, 0, "int8"),
         ],
-        "dispatch.cached": [(x, None, w, handle, group_name, seq), (x, None, None, worst_handle, group_name)],
-        "combine.default": [(recv_x, handle, recv_w, bias, None, group_name, seq),
-                            (worst[0].clone().requires_grad_(), worst_handle, None, None, None, group_name)],
+        "dispatch.cached": [(x, None, w, handle, g, r, seq), (x, None, None, worst_handle, g, r)],
+        "combine.default": [(recv_x, handle, recv_w, bias, None, g, r, seq),
+                            (worst[0].clone().requires_grad_(), worst_handle, None, None, None, g, r)],
     }
 
 
@@ -64,22 +65,22 @@ def _low_latency_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
     w = torch.rand(m, num_experts, generator=g)
     x = torch.randn(m, hidden, generator=g).bfloat16()
     seq = torch.zeros(1, dtype=torch.int64)
-    out = torch.ops.deepep.low_latency_dispatch(x, idx, m, num_experts, group_name, False)
+    grp = (group_name, num_ranks, rank)
+    out = torch.ops.deepep.low_latency_dispatch(x, idx, m, num_experts, *grp, False)
     y = torch.randn(out[0].shape, generator=g).bfloat16()
-    sent = torch.ops.deepep.low_latency_dispatch_send(x, idx, m, num_experts, group_name, False)
-    comb_sent = torch.ops.deepep.low_latency_combine_send(y, idx, w, out[3], out[4], m, num_experts, group_name)
+    sent = torch.ops.deepep.low_latency_dispatch_send(x, idx, m, num_experts, *grp, False)
+    comb_sent = torch.ops.deepep.low_latency_combine_send(y, idx, w, out[3], out[4], m, num_experts, *grp)
     return {
         "low_latency_dispatch.default": [
-            (x, idx, m, num_experts, group_name, False),
-            (x, idx, m, num_experts, group_name, True, False, False, "none", 0, 1, seq),
-            (x, idx, m, num_experts, group_name, True, True, True, "none", 0, 0),
-            (x, idx, m, num_experts, group_name, False, False, False, "int8"),
+            (x, idx, m, num_experts, *grp, False),
+            (x, idx, m, num_experts, *grp, True, False, False, "none", 0, 1, seq),
+            (x, idx, m, num_experts, *grp, True, True, True, "none", 0, 0),
+            (x, idx, m, num_experts, *grp, False, False, False, "int8"),
         ],
-        "low_latency_dispatch_send.default": [(x, idx, m, num_experts, group_name, True, False, False, "none", 0, 1,
-                                               seq)],
+        "low_latency_dispatch_send.default": [(x, idx, m, num_experts, *grp, True, False, False, "none", 0, 1, seq)],
         "low_latency_dispatch_recv.default": [(*[t.clone() for t in sent[:5]], sent[5], group_name)],
-        "low_latency_combine.default": [(y, idx, w, out[3], out[4], m, num_experts, group_name, 0, seq)],
-        "low_latency_combine_send.default": [(y, idx, w, out[3], out[4], m, num_experts, group_name)],
+        "low_latency_combine.default": [(y, idx, w, out[3], out[4], m, num_experts, *grp, 0, seq)],
+        "low_latency_combine_send.default": [(y, idx, w, out[3], out[4], m, num_experts, *grp)],
         "low_latency_combine_recv.default": [(comb_sent[0].clone(), comb_sent[1], group_name)],
     }
 
@@ -95,6 +96,7 @@ def _fused_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
     w13 = torch.randn(2, 2 * inter, hidden, generator=g) * 0.05
     w2 = torch.randn(2, hidden, inter, generator=g) * 0.05
     return {"fused_deep_moe.default": [
-        (x, idx, w, *make_fused_weights(w13, w2, 1), m, num_experts, group_name),
-        (x, idx, w, *make_fused_weights(w13, w2, 0), m, num_experts, group_name, 0, 0, torch.zeros(1, dtype=torch.int64)),
+        (x, idx, w, *make_fused_weights(w13, w2, 1), m, num_experts, group_name, num_ranks, rank),
+        (x, idx, w, *make_fused_weights(w13, w2, 0), m, num_experts, group_name, num_ranks, rank, 0, 0,
+         torch.zeros(1, dtype=torch.int64)),
     ]}

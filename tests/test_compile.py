@@ -2,24 +2,25 @@
 
 import torch
 
-from deep_ep_ops import _registry
+from deep_ep_ops import _registry, ops
 
 E = 8
 
 
 def _dispatch(x, idx, g, seq):
-    _, _, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(idx, E, g)
-    out = torch.ops.deepep.dispatch(x, None, idx, None, in_rank, per_expert, E, g, comm_seq=seq)
-    return out[0], [out[5], out[6], out[7], out[8], in_rank, out[9]], out[10]
+    layout = ops.get_dispatch_layout(idx, E, g)
+    out = ops.dispatch(x, layout.is_token_in_rank, E, g, topk_idx=idx,
+                       num_tokens_per_expert=layout.num_tokens_per_expert, comm_seq=seq)
+    return out.recv_x, out.handle, out.comm_seq
 
 
 def two_microbatches(x1, idx1, x2, idx2, g: str, seq):
     """Program order d1, d2, c2, c1: the micro-batches share no data, only the comm_seq chain."""
     r1, h1, seq = _dispatch(x1, idx1, g, seq)
     r2, h2, seq = _dispatch(x2, idx2, g, seq)
-    y2, _, seq = torch.ops.deepep.combine(r2 * 2, h2, None, None, None, g, seq)
+    y2, _, seq = ops.combine(r2 * 2, h2, g, comm_seq=seq)
     _, h3, seq = _dispatch(x1 + 1, idx1, g, seq)  # only comm_seq of this one is used: must not be dropped
-    y1, _, seq = torch.ops.deepep.combine(r1 * 3, h1, None, None, None, g, seq)
+    y1, _, seq = ops.combine(r1 * 3, h1, g, comm_seq=seq)
     return y1, y2, seq
 
 

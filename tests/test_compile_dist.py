@@ -28,3 +28,17 @@ def test_opcheck_two_ranks(pools):
         for name, per_sample in rank_results.items():
             for outcome in per_sample:
                 assert set(outcome.values()) == {"SUCCESS"}, (name, outcome)
+
+
+def test_world_size_change_with_shared_inductor_cache(tmp_path, monkeypatch):
+    """The same layer compiled on 2 ranks, then on 4 ranks in fresh processes sharing one inductor cache:
+    shapes that depend on the group size are schema arguments, so the 2-rank graph is never reused."""
+    from _pool import RankPool
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    for world in (2, 4):
+        pool = RankPool(world)
+        try:
+            assert pool.run(cases_compile.compile_layer_dynamic) == [{"world": world}] * world
+        finally:
+            pool.close()

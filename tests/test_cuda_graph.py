@@ -24,9 +24,9 @@ def test_low_latency_ops_replay_in_cuda_graph(group1, use_fp8):
     g = nccl.group_name
 
     def step(x, idx, w):
-        out = torch.ops.deepep.low_latency_dispatch(x, idx, M, E, g, use_fp8)
+        out = torch.ops.deepep.low_latency_dispatch(x, idx, M, E, g, 1, 0, use_fp8)
         y = out[0].float() * (out[1].repeat_interleave(128, dim=-1) if use_fp8 else 1.0)
-        combined = torch.ops.deepep.low_latency_combine(y.bfloat16(), idx, w, out[3], out[4], M, E, g)[0]
+        combined = torch.ops.deepep.low_latency_combine(y.bfloat16(), idx, w, out[3], out[4], M, E, g, 1, 0)[0]
         return out[2], combined
 
     static = _inputs(0)

@@ -55,3 +55,26 @@ def test_dead_peer_is_named():
     assert kind1 == "err" and "rank 1 died (exit code 3)" in death
     assert kind0 == "ok" and re.search(r"deepep::dispatch: .*got no answer from rank 1|peers that did not reach it: "
                                        r"rank 1", message), message
+
+
+LOCAL_FAILURES = {
+    ("dispatch", "fault"): r"deepep::dispatch: expected the local work before the exchange to succeed, got "
+                           r"ValueError: injected fault \(on rank 1\)",
+    ("low_latency_dispatch", "fault"): r"deepep::low_latency_dispatch: expected the local work before the exchange "
+                                       r"to succeed, got ValueError: injected fault \(on rank 1\)",
+    ("fused_deep_moe", "fault"): r"deepep::fused_deep_moe: expected the local work before the exchange to succeed, "
+                                 r"got ValueError: injected fault \(on rank 1\)",
+    ("fused_deep_moe", "bad_weights"): r"deepep::fused_deep_moe: expected gmm1_permuted_weight of shape "
+                                       r"\[num_local_experts, hidden, 2 \* intermediate\] = \[\d, 256, 2I\], got shape "
+                                       r"\[\d, 255, 256\] \(on rank 1\)",
+}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("op, kind", sorted(LOCAL_FAILURES))
+def test_local_failure_on_one_rank_fails_every_rank(pools, world_size, op, kind):
+    """Whatever fails on one rank before its first exchange (a check, or any exception in its local
+    work), every rank raises the same deepep error naming that rank instead of waiting for it."""
+    messages = pools(world_size).run(cases_errors.local_failure, op, kind)
+    assert len(set(messages)) == 1, messages
+    assert re.search(LOCAL_FAILURES[op, kind], messages[0]), messages[0]

@@ -35,14 +35,14 @@ def _same_meta(fake, real, dynamic_dim0: bool):
 def _inputs(group1):
     inp = make_inputs(CASE, 1)
     x, idx, w = inp["x"][0], inp["topk_idx"][0], inp["topk_weights"][0]
-    layout = torch.ops.deepep.get_dispatch_layout(idx, CASE.num_experts, group1)
+    layout = torch.ops.deepep.get_dispatch_layout(idx, CASE.num_experts, group1, 1, 1)
     return x, idx, w, layout
 
 
 def test_layout_fake(group1):
     x, idx, w, layout = _inputs(group1)
     want = reference.get_dispatch_layout(idx, CASE.num_experts, 1)
-    fake = _fake_run(torch.ops.deepep.get_dispatch_layout, idx, CASE.num_experts, group1)
+    fake = _fake_run(torch.ops.deepep.get_dispatch_layout, idx, CASE.num_experts, group1, 1, 1)
     for f, r in zip(fake, want):
         _same_meta(f, r, dynamic_dim0=False)
 
@@ -55,7 +55,7 @@ def test_dispatch_fake(group1, payload, worst):
     if payload == "fp8":
         x, scales = quant.per_block_fp8(x.float())
     mode = "int8" if payload == "int8" else "none"
-    args = (x, scales, idx, w, layout[3], layout[2], CASE.num_experts, group1, 1, worst, mode)
+    args = (x, scales, idx, w, layout[3], layout[2], CASE.num_experts, group1, 1, 1, worst, mode)
     ref = reference.dispatch([x], [idx], [w], CASE.num_experts, x_scales=None if scales is None else [scales],
                              num_worst_tokens=worst, quant_mode=mode)[0]
     fake = _fake_run(torch.ops.deepep.dispatch, *args)
@@ -75,15 +75,15 @@ def test_dispatch_fake(group1, payload, worst):
 
 def test_cached_dispatch_and_combine_fakes(group1):
     x, idx, w, layout = _inputs(group1)
-    out = torch.ops.deepep.dispatch(x, None, idx, w, layout[3], layout[2], CASE.num_experts, group1)
+    out = torch.ops.deepep.dispatch(x, None, idx, w, layout[3], layout[2], CASE.num_experts, group1, 1)
     handle = [out[5], out[6], out[7], out[8], layout[3], out[9]]
     ref = reference.dispatch([x], [idx], [w], CASE.num_experts)
     want_cached = reference.cached_dispatch([x], ref, topk_weights=[w])[0]
-    fake = _fake_run(torch.ops.deepep.dispatch.cached, x, None, w, handle, group1)
+    fake = _fake_run(torch.ops.deepep.dispatch.cached, x, None, w, handle, group1, 1)
     _same_meta(fake[0], want_cached[0], False)
     _same_meta(fake[2], want_cached[2], False)
     want = reference.combine([ref[0].recv_x], ref, topk_weights=[ref[0].recv_topk_weights])[0]
-    fake = _fake_run(torch.ops.deepep.combine, out[0], handle, out[3], None, None, group1)
+    fake = _fake_run(torch.ops.deepep.combine, out[0], handle, out[3], None, None, group1, 1)
     _same_meta(fake[0], want[0], False)
     _same_meta(fake[1], want[1], False)
 
@@ -91,4 +91,18 @@ def test_cached_dispatch_and_combine_fakes(group1):
 def test_fake_runs_the_shared_checks(group1):
     x, idx, w, layout = _inputs(group1)
     with pytest.raises(RuntimeError, match=r"deepep::dispatch: expected topk_idx of dtype torch.int64, got torch.int32"):
-        _fake_run(torch.ops.deepep.dispatch, x, None, idx.int(), w, layout[3], layout[2], 8, group1)
+        _fake_run(torch.ops.deepep.dispatch, x, None, idx.int(), w, layout[3], layout[2], 8, group1, 1)
+
+
+def test_group_facts_are_checked_against_the_group(group1):
+    """Group facts in the schema (for inductor's graph cache) must be the group's own: a graph compiled for
+    another group size fails clearly instead of producing wrong shapes."""
+    idx = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match=r"deepep::get_dispatch_layout: expected num_ranks = 1, as for group "
+                                           r"'0', got 2 \(a graph compiled for another group\?"):
+        torch.ops.deepep.get_dispatch_layout(idx, 8, group1, 2, 2)
+    with pytest.raises(RuntimeError, match=r"expected num_ranks_per_node dividing num_ranks = 2, got 3"):
+        _fake_run(torch.ops.deepep.get_dispatch_layout, idx, 8, group1, 2, 3)
+    x = torch.randn(1, 128).bfloat16()
+    with pytest.raises(RuntimeError, match=r"deepep::low_latency_dispatch: expected rank = 0, as for group '0', got 1"):
+        torch.ops.deepep.low_latency_dispatch(x, idx, 4, 8, group1, 1, 1, False)

@@ -33,7 +33,7 @@ def test_make_fused_weights_layout():
 
 def test_fake_matches_kernel(group1):
     x, idx, w, w13, w2 = _inputs()
-    args = (x, idx, w, *make_fused_weights(w13, w2, 1), M, E, group1)
+    args = (x, idx, w, *make_fused_weights(w13, w2, 1), M, E, group1, 1, 0)
     real = torch.ops.deepep.fused_deep_moe(*args)
     with FakeTensorMode() as mode:
         fake = torch.ops.deepep.fused_deep_moe(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
@@ -88,7 +88,7 @@ def test_int8_path_uses_integer_gemm(group1, monkeypatch):
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append((a.dtype, b.dtype)) or real(a, b))
     x, idx, w, w13, w2 = _inputs()
-    torch.ops.deepep.fused_deep_moe(x, idx, w, *make_fused_weights(w13, w2, 1), M, E, group1)
+    torch.ops.deepep.fused_deep_moe(x, idx, w, *make_fused_weights(w13, w2, 1), M, E, group1, 1, 0)
     assert calls and set(calls) == {(torch.int8, torch.int8)}
     q, s = quant.per_token_int8(torch.randn(2, 8), eps=0.0)
     assert real(q, q.t().contiguous()).dtype == torch.int32

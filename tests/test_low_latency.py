@@ -24,7 +24,7 @@ def _inputs(n=5, seed=0):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_fake_matches_reference_and_kernel(group1, fmt):
     x, idx, _ = _inputs()
-    args = (x, idx, M, E, group1, *FORMATS[fmt])
+    args = (x, idx, M, E, group1, 1, 0, *FORMATS[fmt])
     with FakeTensorMode() as mode:
         fake = torch.ops.deepep.low_latency_dispatch(mode.from_tensor(x), mode.from_tensor(idx), *args[2:])
     real = torch.ops.deepep.low_latency_dispatch(*args)
@@ -69,9 +69,9 @@ def test_the_guard_catches_host_reads():
 def test_no_host_sync(group1, fmt):
     x, idx, w = _inputs()
     with no_host_reads():
-        out = torch.ops.deepep.low_latency_dispatch(x, idx, M, E, group1, *FORMATS[fmt])
+        out = torch.ops.deepep.low_latency_dispatch(x, idx, M, E, group1, 1, 0, *FORMATS[fmt])
         y = torch.randn(out[0].shape).bfloat16()
-        torch.ops.deepep.low_latency_combine(y, idx, w, out[3], out[4], M, E, group1)
+        torch.ops.deepep.low_latency_combine(y, idx, w, out[3], out[4], M, E, group1, 1, 0)
 
 
 def test_hook_halves_read_only_their_cpu_token(group1):
@@ -83,9 +83,9 @@ def test_hook_halves_read_only_their_cpu_token(group1):
         return t.device.type == "cpu" and t.dtype == torch.int64 and tuple(t.shape) == (1,)
 
     with no_host_reads(allow=is_token):
-        *outs, token, _ = torch.ops.deepep.low_latency_dispatch_send(x, idx, M, E, group1, False)
+        *outs, token, _ = torch.ops.deepep.low_latency_dispatch_send(x, idx, M, E, group1, 1, 0, False)
         torch.ops.deepep.low_latency_dispatch_recv(*outs, token, group1)
-        y, token, _ = torch.ops.deepep.low_latency_combine_send(outs[0], idx, w, outs[3], outs[4], M, E, group1)
+        y, token, _ = torch.ops.deepep.low_latency_combine_send(outs[0], idx, w, outs[3], outs[4], M, E, group1, 1, 0)
         torch.ops.deepep.low_latency_combine_recv(y, token, group1)
 
 
@@ -178,3 +178,18 @@ def test_combine_errors(group1):
             buf.low_latency_combine(recv_x, idx, None, handle)
     finally:
         buf.destroy()
+
+
+def test_device_side_validation_message(group1):
+    """On accelerators the handshake is validated on the device: a failed check or a mismatch on any rank
+    gives the fixed message (CPU additionally reads the rows back for the detailed one)."""
+    from deep_ep_ops import _handshake, _registry
+
+    ctx = _registry.get(group1)
+    mine = _handshake.header(ctx, "low_latency_dispatch", 1, [M, E])
+    mine[0, 3] = _handshake.STATUS_EXPERT_OUT_OF_RANGE
+    with pytest.raises(RuntimeError, match=r"deepep::low_latency_dispatch: expected every rank to pass its input "
+                                           r"checks, run the same op in the same order and agree on M"):
+        _handshake.validate_on_device(mine, mine[0], "low_latency_dispatch", "M")
+    mine[0, 3] = 0
+    _handshake.validate_on_device(mine, mine[0], "low_latency_dispatch", "M")

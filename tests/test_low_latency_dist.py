@@ -36,14 +36,15 @@ def test_decode_shapes_7168(pools):
 
 
 def test_n_over_m_is_a_clear_error(pools):
+    """On CPU every rank raises the detailed error of the rank with bad input (see low_latency._agree)."""
     messages = pools(2).run(cases_low_latency.bad_input, "n_over_m")
+    assert messages[0] == messages[1], messages
     assert re.search(r"deepep::low_latency_dispatch: expected num_tokens <= num_max_dispatch_tokens_per_rank = 4, "
-                     r"got 6 \(on rank 1\)", messages[1]), messages[1]
-    assert "deepep::low_latency_dispatch: expected every rank to pass its input checks" in messages[0], messages[0]
+                     r"got 6 \(on rank 1\)", messages[0]), messages[0]
 
 
 def test_bad_expert_id_fails_every_rank(pools):
     messages = pools(2).run(cases_low_latency.bad_input, "expert_id")
-    for m in messages:
-        assert "deepep::low_latency_dispatch: expected every rank to pass its input checks" in m
-        assert "topk_idx values in [-1, num_experts)" in m, m
+    assert messages[0] == messages[1], messages
+    assert re.search(r"deepep::low_latency_dispatch: expected topk_idx values in \[-1, 8\), got 99 at token 0, "
+                     r"slot 0 \(on rank 1\)", messages[0]), messages[0]
