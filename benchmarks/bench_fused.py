@@ -20,7 +20,7 @@ from benchmarks._harness import base_parser, print_table, progress, run_ranks, s
 
 def _bench(rank: int, world: int, args) -> list[dict]:
     from deep_ep_ops import Buffer, make_fused_weights
-    from deep_ep_ops.fused import unfused_deep_moe
+    from benchmarks._chains import unfused_deep_moe
 
     group = dist.group.WORLD
     buf = Buffer(group, low_latency_mode=True, timeout_s=600)

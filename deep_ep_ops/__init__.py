@@ -1,16 +1,20 @@
 """deep_ep_ops: expert-parallel dispatch/combine for MoE models as ``torch.ops.deepep`` custom ops.
 
-Layering (imports only go down):
+Layering (imports only go down; see README, *Architecture*):
 
-    buffer (DeepEP facade) → ops as torch.ops.deepep.* → kernels (normal, low_latency, fused) → transports
-                                         ↑
-                              _schemas (index of ops), meta_kernels (fakes + shared checks)
+    Buffer (DeepEP facade) → ops (typed raw ops) → torch.ops.deepep.* → op kernels (normal, low_latency, fused)
+        → transports (backends, one registry) and compute (hot loops as private ops; csrc/ for C++)
+    _schemas (index of every op) · meta_kernels (fakes + shared checks, on leaf modules only)
 
 ``reference`` is the single-process oracle that defines every output. ``config`` is the only reader of
 environment variables, and ``_registry`` holds the only module-level state.
 """
 
 from . import _schemas  # noqa: F401  (defines torch.ops.deepep.*)
+from . import compute  # noqa: E402,F401  (pure-torch kernels of the private compute ops)
+from . import _native  # noqa: E402
+
+_native.load()  # the C++ kernels of csrc/, when built
 
 import meta_kernels  # noqa: E402,F401  (fake kernels)
 

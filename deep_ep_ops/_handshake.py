@@ -4,16 +4,17 @@ Its size depends only on the group size, so it is safe when ranks disagree on ev
 before any exchange whose size depends on arguments, because a gloo exchange with mismatched sizes
 aborts the process. Each rank sends every peer one row:
 
-    [MAGIC, op, seq, status, status_arg0..2, cfg0..cfg8, send_count_to_rank_0..R-1,
+    [MAGIC, op, seq, status, status_arg0..2, settings (up to MAX_SETTINGS words), send_count_to_rank_0..R-1,
      expected_count_from_rank_0..R-1]
 
-From the rows every rank raises the same error when a rank failed its input checks (``status``), when
-ranks run different ops (``op``/``seq``), when they disagree on a setting (``cfg``), or when what a rank
-sends differs from what its peer expects to receive (a stale or mismatched handle), so an exchange
-with inconsistent sizes never starts. Normal-mode ops
-compare on the host and give detailed messages. Low-latency ops compare on the device with
-``torch._assert_async`` (no host sync), so their messages are fixed strings. The send-count column gives
-normal dispatch its whole ``[R, R]`` traffic matrix with no extra exchange.
+``settings`` is the op's own ``NamedTuple`` of named integer fields that every rank must agree on (hidden,
+dtype codes, top-k …); its field names are the names in the errors. From the rows every rank raises the
+same error when a rank failed its input checks (``status``), when ranks run different ops
+(``op``/``seq``), when they disagree on a setting, or when what a rank sends differs from what its peer
+expects to receive (a stale or mismatched handle), so an exchange with inconsistent sizes never starts.
+Normal-mode ops validate on the host. Low-latency ops validate on the device with ``torch._assert_async``
+(no host sync, see :func:`validate_on_device`). The send-count column gives normal dispatch its whole
+``[R, R]`` traffic matrix with no extra exchange.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 
 from . import _waits
 
-MAGIC = 0xDEE9E9
+MAGIC = 0xDEE9EA
 OPS = ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "fused_deep_moe")
-NUM_CFG = 9
-_STATUS, _CFG, _COUNTS = 3, 7, 7 + NUM_CFG
+MAX_SETTINGS = 12
+_STATUS, _SETTINGS, _COUNTS = 3, 7, 7 + MAX_SETTINGS
 
-STATUS_OK = 0
+STATUS_OK = (0, 0, 0, 0)
 STATUS_CHECK_FAILED = 1  # message is in the store
 STATUS_EXPERT_OUT_OF_RANGE = 2  # args: token, slot, value
 STATUS_LAYOUT_MISMATCH = 3  # args: token, rank, is_token_in_rank value
@@ -38,15 +39,21 @@ def _error_key(ctx, seq: int, rank: int) -> str:
     return f"deepep_ops/{ctx.group_name}/error/{seq}/{rank}"
 
 
-def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | None = None,
-           status: tuple[int, int, int, int] = (0, 0, 0, 0), device: torch.device | str = "cpu",
-           expect_counts: torch.Tensor | None = None) -> torch.Tensor:
-    """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``. ``expect_counts`` (rows this rank
-    expects from each peer) is ``-1`` when the receiver learns its counts from the handshake."""
+def header(ctx, op: str, seq: int, settings: tuple, *, send_counts: torch.Tensor | None = None,
+           expect_counts: torch.Tensor | None = None, status: tuple[int, int, int, int] = STATUS_OK,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """This rank's ``[R, W]`` header; row ``r`` goes to rank ``r``.
+
+    Args:
+        settings: the op's settings ``NamedTuple`` (at most :data:`MAX_SETTINGS` fields).
+        send_counts: rows this rank sends each peer; expect_counts: rows it expects from each peer
+            (``None``: ``-1``, the receiver learns its counts from the handshake).
+    """
     num_ranks = ctx.num_ranks
+    assert len(settings) <= MAX_SETTINGS, f"{type(settings).__name__} has more than {MAX_SETTINGS} fields"
     sends = [0] * num_ranks if send_counts is None else send_counts.tolist()
     expects = [-1] * num_ranks if expect_counts is None else expect_counts.tolist()
-    row = [MAGIC, OPS.index(op), seq, *status, *cfg, *([0] * (NUM_CFG - len(cfg))), *sends, *expects]
+    row = [MAGIC, OPS.index(op), seq, *status, *settings, *([0] * (MAX_SETTINGS - len(settings))), *sends, *expects]
     if torch.device(device).type == "cpu":
         return torch.tensor([row] * num_ranks, dtype=torch.int64)
     # On accelerators: fills with scalar arguments, not a host-to-device copy, so that graphs can capture it.
@@ -57,13 +64,30 @@ def header(ctx, op: str, seq: int, cfg: list[int], send_counts: torch.Tensor | N
     return rows
 
 
+def set_status(rows: torch.Tensor, status: torch.Tensor) -> None:
+    """Writes a status computed on the device (int64 ``[4]``: code and three arguments) into every row."""
+    rows[:, _STATUS:_SETTINGS] = status
+
+
 def exchange(ctx, op: str, seq: int, rows: torch.Tensor) -> torch.Tensor:
     """Sends ``rows`` and returns the ``[R, W]`` rows received (row ``s`` came from rank ``s``)."""
     splits = [1] * ctx.num_ranks
     return _waits.wait(ctx, ctx.transport.all_to_all(rows, splits, splits), op, seq)
 
 
-def report_failure(ctx, op: str, seq: int, message: str, cfg_names: list[str], device) -> None:
+def agree(ctx, op: str, seq: int, settings: tuple, *, status: tuple[int, int, int, int] | None = None,
+          send_counts: torch.Tensor | None = None, expect_counts: torch.Tensor | None = None,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """Header, exchange and host-side validation; returns the ``[R, R]`` send matrix (``[i, j]``: rows rank
+    ``i`` sends rank ``j``). Raises the same ``RuntimeError`` on every rank when anything disagrees."""
+    rows = header(ctx, op, seq, settings, send_counts=send_counts, expect_counts=expect_counts,
+                  status=status or STATUS_OK, device=device)
+    received = exchange(ctx, op, seq, rows)
+    validate(ctx, op, seq, received, type(settings))
+    return received[:, _COUNTS:_COUNTS + ctx.num_ranks]
+
+
+def report_failure(ctx, op: str, seq: int, message: str, settings_type: type, device) -> None:
     """Joins the handshake as a rank whose input checks failed, then raises what every rank raises.
 
     The message goes through the store, so the failing rank and its peers all raise the same text
@@ -72,18 +96,19 @@ def report_failure(ctx, op: str, seq: int, message: str, cfg_names: list[str], d
     store = _waits.store()
     if store is not None:
         store.set(_error_key(ctx, seq, ctx.rank), message)
-    rows = header(ctx, op, seq, [0] * len(cfg_names), status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
-    validate(ctx, op, seq, exchange(ctx, op, seq, rows), cfg_names)
+    zeros = (0,) * len(settings_type._fields)
+    rows = header(ctx, op, seq, zeros, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
+    validate(ctx, op, seq, exchange(ctx, op, seq, rows), settings_type)
 
 
-def run_checks(ctx, op: str, seq: int, cfg_names: list[str], device, prepare):
+def run_checks(ctx, op: str, seq: int, settings_type: type, device, prepare):
     """Runs ``prepare`` (the op's input checks and all of its local work before the first exchange) and
     returns its result. If it fails, for any reason, this rank joins the handshake with a failed status
     (see :func:`report_failure`) so that its peers raise the same error instead of waiting for it."""
     try:
         return prepare()
     except Exception as exc:  # noqa: BLE001  (whatever went wrong locally, the peers must hear of it)
-        report_failure(ctx, op, seq, _describe(op, exc), cfg_names, device)
+        report_failure(ctx, op, seq, _describe(op, exc), settings_type, device)
         raise  # reached only if no rank reported a failure, which cannot happen here
 
 
@@ -98,11 +123,6 @@ def _describe(op: str, exc: Exception) -> str:
 def next_comm_seq(comm_seq: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     """``comm_seq_out`` of a communicating op: ``comm_seq + 1``, or zeros without an input sequence."""
     return torch.zeros(1, dtype=torch.int64, device=like.device) if comm_seq is None else comm_seq + 1
-
-
-def send_matrix(rows: torch.Tensor) -> torch.Tensor:
-    """``[R, R]``: entry ``[i, j]`` is the number of rows rank ``i`` sends to rank ``j``."""
-    return rows[:, _COUNTS:_COUNTS + rows.shape[0]]
 
 
 def expert_out_of_range(op: str, num_experts, token: int, slot: int, value: int) -> str:
@@ -121,10 +141,10 @@ def expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[i
     return STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
 
 
-def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: dict[str, int]) -> str:
+def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], settings: dict[str, int]) -> str:
     code, a0, a1, a2 = status
     if code == STATUS_EXPERT_OUT_OF_RANGE:
-        return f"{expert_out_of_range(op, cfg.get('num_experts'), a0, a1, a2)} (on rank {rank})"
+        return f"{expert_out_of_range(op, settings.get('num_experts'), a0, a1, a2)} (on rank {rank})"
     if code == STATUS_LAYOUT_MISMATCH:
         return (f"deepep::{op}: expected is_token_in_rank to match topk_idx (compute both with "
                 f"get_dispatch_layout on the same topk_idx), got is_token_in_rank[{a0}, {a1}] = {bool(a2)} "
@@ -140,8 +160,9 @@ def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], cfg: d
     return f"{text} (on rank {rank})"
 
 
-def validate(ctx, op: str, seq: int, rows: torch.Tensor, cfg_names: list[str]) -> None:
+def validate(ctx, op: str, seq: int, rows: torch.Tensor, settings_type: type) -> None:
     """Host-side validation of exchanged rows; raises the same ``RuntimeError`` on every rank."""
+    names = settings_type._fields
     table = rows.tolist()
     if any(r[0] != MAGIC for r in table):
         raise RuntimeError(f"deepep::{op}: expected every rank to run the same deep_ep_ops version, got a "
@@ -152,11 +173,11 @@ def validate(ctx, op: str, seq: int, rows: torch.Tensor, cfg_names: list[str]) -
         raise RuntimeError(f"deepep::{op}: expected every rank of group {ctx.group_name!r} to call the same "
                            f"op in the same order, got {seen}")
     for src, r in enumerate(table):
-        if r[_STATUS] != STATUS_OK:
-            cfg = dict(zip(cfg_names, r[_CFG:_CFG + len(cfg_names)]))
-            raise RuntimeError(_status_message(ctx, op, seq, src, r[_STATUS:_CFG], cfg))
-    for i, name in enumerate(cfg_names):
-        values = [r[_CFG + i] for r in table]
+        if r[_STATUS] != 0:
+            settings = dict(zip(names, r[_SETTINGS:_SETTINGS + len(names)]))
+            raise RuntimeError(_status_message(ctx, op, seq, src, r[_STATUS:_SETTINGS], settings))
+    for i, name in enumerate(names):
+        values = [r[_SETTINGS + i] for r in table]
         if len(set(values)) > 1:
             seen = ", ".join(f"{v} on rank {s}" for s, v in enumerate(values))
             raise RuntimeError(f"deepep::{op}: expected the same {name} on every rank, got {seen}")
@@ -172,7 +193,7 @@ def validate(ctx, op: str, seq: int, rows: torch.Tensor, cfg_names: list[str]) -
 
 def validate_on_device(rows: torch.Tensor, mine: torch.Tensor, op: str, what: str) -> None:
     """Device-side validation (no host sync): every row must match ``mine`` and report status 0."""
-    same = (rows[:, :_STATUS] == mine[:_STATUS]).all() & (rows[:, _CFG:_COUNTS] == mine[_CFG:_COUNTS]).all()
+    same = (rows[:, :_STATUS] == mine[:_STATUS]).all() & (rows[:, _SETTINGS:_COUNTS] == mine[_SETTINGS:_COUNTS]).all()
     torch._assert_async(
         same & (rows[:, _STATUS] == 0).all(),
         f"deepep::{op}: expected every rank to pass its input checks, run the same op in the same order "

@@ -1,9 +1,11 @@
 """The package's one piece of module-level mutable state: ``group_name`` → :class:`GroupContext`.
 
-Ops receive only ``group_name``; everything a kernel needs about the group (transport, timeout, node
-topology, the op counter used to check that all ranks run the same op sequence, outstanding receive
-hooks) lives here. ``Buffer`` registers its group; a raw op on an unregistered group gets a default
-context (transport from ``DEEP_USE_MODE`` or automatic, one node, timeout from the environment).
+Ops receive only ``group_name``; everything a kernel needs about the group lives in its context: the
+backend, the kernels (native or pure torch), the topology (hosts and nodes, exchanged once per group),
+the timeout, the op counter that checks that all ranks run the same op sequence, and outstanding receive
+hooks. ``Buffer`` registers its group with its settings; a raw op on an unregistered group gets a context
+built from the environment (``DEEP_USE_MODE``, ``DEEP_EP_OPS_RANKS_PER_NODE``, ``DEEP_EP_OPS_KERNELS``,
+``DEEP_EP_OPS_TIMEOUT_S``). Building a context is collective: it exchanges host identities.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from . import config
-from .transports import Transport, create_transport, resolve_transport_name
+from . import _native, compute, config, topology, transports
 
 
 @dataclasses.dataclass(eq=False)
@@ -27,9 +27,10 @@ class GroupContext:
     group_name: str
     rank: int
     num_ranks: int
-    num_ranks_per_node: int
-    transport: Transport
     timeout_s: float
+    kernels: compute.Kernels
+    transport: transports.Transport
+    topology: topology.Topology | None = None
     seq: int = 0
     refs: int = 0
     pending: dict[int, Any] = dataclasses.field(default_factory=dict)
@@ -38,14 +39,12 @@ class GroupContext:
     log: list | None = None
 
     @property
-    def device(self) -> torch.device:
-        """Where the group's backend exchanges tensors (CUDA for NCCL, else CPU)."""
-        backend = str(dist.get_backend(self.group)).lower()
-        return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    def num_ranks_per_node(self) -> int:
+        return self.topology.num_ranks_per_node
 
     @property
     def num_nodes(self) -> int:
-        return self.num_ranks // self.num_ranks_per_node
+        return self.topology.num_nodes
 
     def next_seq(self, op: str, rows: int) -> int:
         """Numbers communicating ops so the handshake can tell when ranks diverge."""
@@ -58,29 +57,37 @@ class GroupContext:
 _GROUPS: dict[str, GroupContext] = {}
 
 
+def _kernels(choice: str) -> compute.Kernels:
+    if choice == "python" or (choice == "auto" and not _native.loaded()):
+        return compute.PYTHON
+    if not _native.loaded():
+        raise ValueError(f"deepep: expected the C++ kernels of csrc/ to be built for kernels='native', got none "
+                         f"({_native.why_not()})")
+    return compute.NATIVE
+
+
 def _new_context(group: dist.ProcessGroup, transport: str | None, timeout_s: float | None,
-                 num_ranks_per_node: int | None) -> GroupContext:
+                 num_ranks_per_node: int | None, kernels: str | None) -> GroupContext:
     env = config.read_env()
-    name = resolve_transport_name(transport if transport is not None else env.use_mode)
-    num_ranks = group.size()
-    per_node = num_ranks if num_ranks_per_node is None else num_ranks_per_node
-    if per_node <= 0 or num_ranks % per_node != 0:
-        raise ValueError(
-            f"deepep: expected num_ranks_per_node to divide the group size {num_ranks}, got {per_node}"
-        )
-    return GroupContext(
-        group=group,
-        group_name=group.group_name,
-        rank=group.rank(),
-        num_ranks=num_ranks,
-        num_ranks_per_node=per_node,
-        transport=create_transport(name, group),
-        timeout_s=env.timeout_s if timeout_s is None else float(timeout_s),
-    )
+    if kernels is not None and kernels not in config.KERNELS:
+        raise ValueError(f"deepep: expected kernels in {list(config.KERNELS)}, got {kernels!r}")
+    chosen = _kernels(kernels or env.kernels)
+    ctx = GroupContext(group=group, group_name=group.group_name, rank=group.rank(), num_ranks=group.size(),
+                       timeout_s=env.timeout_s if timeout_s is None else float(timeout_s), kernels=chosen,
+                       transport=transports.create("all_to_all", group, None, chosen))
+    # The host exchange runs over the portable backend; the chosen backend may depend on its result.
+    per_node = num_ranks_per_node if num_ranks_per_node is not None else env.num_ranks_per_node
+    ctx.topology = topology.build(ctx.rank, topology.exchange_identities(ctx), per_node)
+    name = transports.resolve(transport if transport is not None else env.use_mode, ctx.topology)
+    if name != ctx.transport.name:
+        ctx.transport = transports.create(name, group, ctx.topology, chosen)
+    else:
+        ctx.transport.topology = ctx.topology
+    return ctx
 
 
 def get(group_name: str) -> GroupContext:
-    """The context of ``group_name``, created with defaults on first use."""
+    """The context of ``group_name``, created from the environment on first use (a collective)."""
     ctx = _GROUPS.get(group_name)
     if ctx is None:
         try:
@@ -89,12 +96,12 @@ def get(group_name: str) -> GroupContext:
             raise ValueError(
                 f"deepep: expected group_name of an initialized process group, got {group_name!r}"
             ) from exc
-        ctx = _GROUPS[group_name] = _new_context(group, None, None, None)
+        ctx = _GROUPS[group_name] = _new_context(group, None, None, None, None)
     return ctx
 
 
 def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: float | None = None,
-             num_ranks_per_node: int | None = None) -> GroupContext:
+             num_ranks_per_node: int | None = None, kernels: str | None = None) -> GroupContext:
     """Registers (or re-uses) the context of ``group``; one reference per call, see :func:`release`.
 
     Raises:
@@ -103,23 +110,26 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
     name = group.group_name
     ctx = _GROUPS.get(name)
     if ctx is not None and ctx.refs > 0:
-        wanted = resolve_transport_name(transport if transport is not None else config.read_env().use_mode)
-        if wanted != ctx.transport.name:
+        wanted = transport if transport is not None else config.read_env().use_mode
+        if wanted is not None and transports.resolve(wanted, ctx.topology) != ctx.transport.name:
             raise ValueError(
                 f"deepep: expected one transport per process group, got {wanted!r} for group {name!r} "
                 f"which another Buffer uses with {ctx.transport.name!r}"
             )
     else:
-        ctx = _GROUPS[name] = _new_context(group, transport, timeout_s, num_ranks_per_node)
+        if ctx is not None:
+            ctx.transport.close()
+        ctx = _GROUPS[name] = _new_context(group, transport, timeout_s, num_ranks_per_node, kernels)
     ctx.refs += 1
     return ctx
 
 
 def release(group_name: str) -> None:
-    """Drops one reference; the context goes away with the last one."""
+    """Drops one reference; the context (and what its backend holds) goes away with the last one."""
     ctx = _GROUPS.get(group_name)
     if ctx is None:
         return
     ctx.refs -= 1
     if ctx.refs <= 0:
         del _GROUPS[group_name]
+        ctx.transport.close()

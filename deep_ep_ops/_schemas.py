@@ -99,3 +99,13 @@ lib.define(
     "int num_shared_expert_ranks=0, Tensor? comm_seq=None) -> "
     "(Tensor output, Tensor ep_recv_count, Tensor comm_seq_out)"
 )
+
+# --- private compute ops: the hot loops (deep_ep_ops.compute); csrc/ registers CPU kernels for them ----
+
+lib.define("_gather_rows(Tensor rows, Tensor index) -> Tensor")
+lib.define("_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()")
+lib.define("_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? bias_0, Tensor? bias_1, "
+           "ScalarType out_dtype) -> Tensor")
+lib.define("_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor")
+lib.define("_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)")
+lib.define("_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)")

@@ -49,17 +49,6 @@ def words(rows: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def take_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``rows[index]`` as uint8 ``[len(index), row bytes]``, via the fast word-wise ``index_select``.
-    Rows that are not contiguous (e.g. column-major FP8 scales) are made so first."""
-    return words(rows).index_select(0, index).view(torch.uint8)
-
-
-def put_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
-    """``out[index] = rows`` for a 2-D ``out`` of any dtype and ``rows`` of the same bytes per row."""
-    words(out).index_copy_(0, index, words(rows))
-
-
 def _align8(n: int) -> int:
     return (n + 7) // 8 * 8
 

@@ -10,32 +10,12 @@ returned ``EventOverlap`` holds an event.
 
 from __future__ import annotations
 
-import socket
-import zlib
-
 import torch
 import torch.distributed as dist
 
-from . import _registry, _waits, config, ops, tuning
+from . import _registry, config, ops, tuning
 from ._buffer_low_latency import QUANT_MODES, LowLatencyMethods
 from .utils import EventHandle, EventOverlap
-
-
-def _ranks_per_node(ctx) -> int:
-    """Ranks per host when hosts hold equal contiguous blocks of ranks, else the whole group.
-
-    Host names are exchanged as CRC32 hashes through the group's transport, so a missing peer is a
-    bounded wait with a named peer, like every other exchange.
-    """
-    if ctx.num_ranks == 1:
-        return 1
-    mine = torch.full((ctx.num_ranks, 1), zlib.crc32(socket.gethostname().encode()), dtype=torch.int64)
-    ones = [1] * ctx.num_ranks
-    hosts = _waits.wait(ctx, ctx.transport.all_to_all(mine.to(ctx.device), ones, ones), "Buffer", 0).flatten().tolist()
-    per_node = hosts.count(hosts[0])
-    blocks = [hosts[i:i + per_node] for i in range(0, len(hosts), per_node)]
-    uniform = len(hosts) % per_node == 0 and all(len(set(b)) == 1 for b in blocks)
-    return per_node if uniform and len({b[0] for b in blocks}) == len(blocks) else ctx.num_ranks
 
 
 class Buffer(LowLatencyMethods):
@@ -51,8 +31,13 @@ class Buffer(LowLatencyMethods):
         explicitly_destroy: if True, :meth:`destroy` must be called; else the group is released when the
             Buffer is garbage collected.
         comm: an mpi4py communicator instead of ``group`` (not supported).
-        transport: ``"all_to_all"`` (alias ``"alltoall"``) or ``"default"``; ``None`` reads ``DEEP_USE_MODE``.
+        transport: a backend name of ``deep_ep_ops.transports`` (``"all_to_all"``, ``"default"`` …); ``None``
+            reads ``DEEP_USE_MODE``, else the best backend for the group is chosen.
         timeout_s: seconds to wait for peers before raising (default ``DEEP_EP_OPS_TIMEOUT_S`` or 100).
+        num_ranks_per_node: ranks per node, overriding host detection (default
+            ``DEEP_EP_OPS_RANKS_PER_NODE``, else the real hosts); may split a host into simulated nodes.
+        kernels: ``"native"`` (C++ kernels of ``csrc/``), ``"python"`` or ``"auto"`` (default
+            ``DEEP_EP_OPS_KERNELS``, else native when built).
         normal_strategy, low_latency_strategy: DeepEP-Ascend's names for ``transport``.
     """
 
@@ -64,6 +49,7 @@ class Buffer(LowLatencyMethods):
                  allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
                  explicitly_destroy: bool = False, enable_shrink: bool = False, comm=None, *,
                  transport: str | None = None, timeout_s: float | None = None,
+                 num_ranks_per_node: int | None = None, kernels: str | None = None,
                  normal_strategy: str | None = None, low_latency_strategy: str | None = None):
         if comm is not None or group is None:
             raise ValueError("deepep: expected a torch.distributed ProcessGroup as group, got "
@@ -84,12 +70,10 @@ class Buffer(LowLatencyMethods):
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self._env = config.read_env()
-        self._ctx = _registry.register(group, next(iter(names), None), timeout_s)
+        self._ctx = _registry.register(group, next(iter(names), None), timeout_s, num_ranks_per_node, kernels)
         self._destroyed = False
-        if self._ctx.refs == 1:
-            self._ctx.num_ranks_per_node = _ranks_per_node(self._ctx)
         # Threaded through every op so that communication order is data (see deep_ep_ops._schemas).
-        self._comm_seq = torch.zeros(1, dtype=torch.int64, device=self._ctx.device)
+        self._comm_seq = torch.zeros(1, dtype=torch.int64, device=self._ctx.transport.device)
 
     # --- DeepEP static helpers -----------------------------------------------------------------------
 
@@ -126,6 +110,16 @@ class Buffer(LowLatencyMethods):
     def transport(self) -> str:
         """Name of the transport moving this Buffer's bytes."""
         return self._ctx.transport.name
+
+    @property
+    def kernels(self) -> str:
+        """``"native"`` or ``"python"``: which kernels this Buffer's ops run."""
+        return self._ctx.kernels.name
+
+    @property
+    def num_ranks_per_node(self) -> int:
+        """Ranks per node of this Buffer's group (detected from hosts, or the override)."""
+        return self._ctx.num_ranks_per_node
 
     def destroy(self) -> None:
         """Releases the group's context; the Buffer cannot be used afterwards."""

@@ -2,11 +2,13 @@
 
 | variable | default | meaning |
 |---|---|---|
-| ``DEEP_USE_MODE`` | unset | transport when ``Buffer(transport=None)``: ``default`` (best available), ``alltoall``, ``ops`` |
+| ``DEEP_USE_MODE`` | unset | transport when ``Buffer(transport=None)``: a name of ``deep_ep_ops.transports`` |
 | ``DEEP_NORMAL_MODE_USE_INT8_QUANT`` | ``0`` | ``1``: normal dispatch quantizes ``x`` to per-token INT8 on the wire |
 | ``MOE_EXPERT_TOKEN_NUMS_TYPE`` | ``1`` | ``1``: per-expert counts; ``0``: inclusive prefix sums (normal list, LL ``packed_recv_count``) |
 | ``MOE_SHARED_EXPERT_RANK_NUM`` | ``0`` | ranks ``0..S-1`` host one shared expert each (low-latency and fused ops) |
 | ``DEEP_EP_OPS_TIMEOUT_S`` | ``100`` | seconds a rank waits for its peers before raising (``Buffer(timeout_s=)`` wins) |
+| ``DEEP_EP_OPS_RANKS_PER_NODE`` | unset | ranks per node, overriding host detection (``Buffer(num_ranks_per_node=)`` wins) |
+| ``DEEP_EP_OPS_KERNELS`` | ``auto`` | ``native`` (the C++ kernels of ``csrc/``), ``python`` (pure torch) or ``auto`` (native when built) |
 
 Explicit arguments always win over the environment; ``Buffer`` snapshots these at construction so that
 compiled code never reads ``os.environ``.
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 #: DeepEP's CPU-side timeout (``NUM_CPU_TIMEOUT_SECS``) is 100 s; we use the same default.
 DEFAULT_TIMEOUT_S = 100.0
 
-USE_MODES = ("default", "alltoall", "ops")
+KERNELS = ("auto", "native", "python")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,8 @@ class EnvConfig:
     expert_token_nums_type: int = 1
     num_shared_expert_ranks: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    num_ranks_per_node: int | None = None
+    kernels: str = "auto"
 
 
 def _int(environ: Mapping[str, str], name: str, default: int, allowed: range) -> int:
@@ -62,12 +66,16 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
     Raises:
         ValueError: a variable is set to a value outside its documented range.
     """
+    from . import transports  # the registry is the one source of transport names
+
     environ = os.environ if environ is None else environ
     mode = environ.get("DEEP_USE_MODE") or None
     if mode is not None:
-        mode = mode.lower()
-        if mode not in USE_MODES:
-            raise ValueError(f"deepep: expected DEEP_USE_MODE in {list(USE_MODES)}, got {mode!r}")
+        mode = transports.canonical(mode, what="DEEP_USE_MODE")
+    kernels = (environ.get("DEEP_EP_OPS_KERNELS") or "auto").lower()
+    if kernels not in KERNELS:
+        raise ValueError(f"deepep: expected DEEP_EP_OPS_KERNELS in {list(KERNELS)}, got {kernels!r}")
+    per_node = _int(environ, "DEEP_EP_OPS_RANKS_PER_NODE", 0, range(0, 1 << 20)) or None
     timeout_raw = environ.get("DEEP_EP_OPS_TIMEOUT_S")
     timeout_s = DEFAULT_TIMEOUT_S
     if timeout_raw:
@@ -85,4 +93,6 @@ def read_env(environ: Mapping[str, str] | None = None) -> EnvConfig:
         expert_token_nums_type=_int(environ, "MOE_EXPERT_TOKEN_NUMS_TYPE", 1, range(0, 2)),
         num_shared_expert_ranks=_int(environ, "MOE_SHARED_EXPERT_RANK_NUM", 0, range(0, 1 << 20)),
         timeout_s=timeout_s,
+        num_ranks_per_node=per_node,
+        kernels=kernels,
     )

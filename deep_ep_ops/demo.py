@@ -71,7 +71,7 @@ def _worker(rank: int, args, port: int) -> None:
     from deep_ep_ops import reference
 
     gate, w13, w2 = _weights(args)
-    local = args.experts // args.ranks
+    num_local_experts = args.experts // args.ranks
     buf = deep_ep_ops.Buffer(dist.group.WORLD, timeout_s=120)
     worst_ref = worst_dense = 0.0
     for step in range(args.steps):
@@ -86,7 +86,7 @@ def _worker(rank: int, args, port: int) -> None:
             num_tokens_per_expert=per_expert)
         times["dispatch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        y = experts(recv_x, recv_idx, recv_w, w13, w2, rank * local)
+        y = experts(recv_x, recv_idx, recv_w, w13, w2, rank * num_local_experts)
         times["experts"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         out, _, _ = buf.combine(y, handle)
@@ -94,7 +94,7 @@ def _worker(rank: int, args, port: int) -> None:
 
         batches = [_batch(args, step, r, gate) for r in range(args.ranks)]
         ref = reference.dispatch([b[0] for b in batches], [b[1] for b in batches], [b[2] for b in batches], args.experts)
-        ref_y = [experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, w13, w2, r * local) for r, d in enumerate(ref)]
+        ref_y = [experts(d.recv_x, d.recv_topk_idx, d.recv_topk_weights, w13, w2, r * num_local_experts) for r, d in enumerate(ref)]
         want = reference.combine(ref_y, ref)[rank][0]
         err_ref = (out.float() - want.float()).abs().max().item() if out.numel() else 0.0
         err_dense = (out.float() - _dense(x, idx, w, w13, w2)).abs().max().item() if out.numel() else 0.0

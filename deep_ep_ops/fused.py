@@ -4,12 +4,13 @@ The fused kernel never materializes the ``[L, R*M, H]`` layout. It groups the re
 runs :func:`deep_ep_ops.ffn.expert_ffn` on each expert's rows, and writes the outputs back in receive
 order, which is exactly the order the combine half sends them in. Expert rows are grouped with
 host-side counts: on CPU that reads host memory, not a device. The unfused chain
-(:func:`unfused_deep_moe`) does the same math through the public low-latency ops and the packed layout.
+(``benchmarks/_chains.py``) does the same math through the public low-latency ops and the packed layout.
 """
 
 from __future__ import annotations
 
 import enum
+from typing import NamedTuple
 
 import torch
 
@@ -17,10 +18,17 @@ from meta_kernels import checks
 
 from . import _handshake, _registry, ffn, low_latency
 from ._schemas import lib
-from ._wire import put_rows, take_rows
 
-_CFG = ["num_max_dispatch_tokens_per_rank", "num_experts", "hidden", "num_topk", "num_shared_expert_ranks",
-        "wire format", "x dtype", "intermediate size (2I)", "quant_mode"]
+class FusedSettings(NamedTuple):
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+    hidden: int
+    num_topk: int
+    num_shared_expert_ranks: int
+    wire_format: int
+    x_dtype: int
+    intermediate_2i: int
+    quant_mode: int
 
 
 class FuseMode(enum.IntEnum):
@@ -39,14 +47,12 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
     weights = (gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight, gmm2_weight_scale)
     state = low_latency.dispatch_send(
         x, topk_idx, m, num_experts, group_name, num_ranks, rank, False, False, False,
-        "int8" if quant_mode == 1 else "none",
-        num_shared_expert_ranks, 1, op=op, cfg_names=_CFG,
+        "int8" if quant_mode == 1 else "none", num_shared_expert_ranks, 1, op=op,
         check=lambda: checks.check_fused(x, topk_idx, topk_weights, *weights, m, num_experts, num_ranks, rank,
                                          num_shared_expert_ranks, quant_mode),
-        cfg_tail=(int(gmm1_permuted_weight.shape[-1]), quant_mode))
-    recv = low_latency.received(ctx, state, op)
-    fmt, num_local = state.fmt, state.num_local
-    sorted_rows = low_latency.sort_received(state, recv, num_ranks)
+        settings_type=FusedSettings, settings_tail=(int(gmm1_permuted_weight.shape[-1]), quant_mode))
+    recv, sorted_rows = low_latency.sorted_received(ctx, state, op)
+    fmt = state.fmt
     ep_recv_count = sorted_rows.counts.flatten().to(torch.int32)
     order = sorted_rows.order  # each expert's rows in (source rank, token) order, as in the packed layout
     data = fmt.field_bytes(recv, "x")
@@ -57,38 +63,17 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
         rows = order[begin:begin + count]
         begin += count
         if count:
-            scale = take_rows(fmt.view(recv, "scales"), rows).view(torch.float32).view(count) if quant_mode == 1 \
-                else None
-            y_i = ffn.expert_ffn(take_rows(data, rows).view(dtype), scale, gmm1_permuted_weight[i],
+            scale = ctx.kernels.gather_rows(fmt.view(recv, "scales"), rows).view(count) if quant_mode == 1 else None
+            y_i = ffn.expert_ffn(ctx.kernels.gather_rows(data, rows).view(dtype), scale, gmm1_permuted_weight[i],
                                  gmm1_permuted_weight_scale[i], gmm2_weight[i], gmm2_weight_scale[i], quant_mode)
-            put_rows(y, rows, y_i)
-    # Combine half: the outputs are already in the order the sources expect them back.
-    plan = state.plan
-    pending = ctx.transport.all_to_all(y.view(torch.uint8), [state.cap] * num_ranks, plan.caps)
+            ctx.kernels.scatter_rows(y, rows, y_i)
+    # Combine half: the outputs are already in the order the sources expect them back, as many rows to
+    # each source as it sent.
+    pending = ctx.transport.exchange_slots(y, [state.cap] * num_ranks, sorted_rows.counts.sum(0),
+                                           state.plan.caps)
     out = torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
-    low_latency.combine_recv(ctx, low_latency.CombineState(pending, plan, topk_weights, torch.bfloat16, state.seq), out)
+    low_latency.combine_recv(ctx, low_latency.CombineState(pending, state.plan, topk_weights, state.seq), out)
     return out, ep_recv_count, _handshake.next_comm_seq(comm_seq, x)
-
-
-def unfused_deep_moe(buffer, x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale,
-                     gmm2_weight, gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, quant_mode=1):
-    """The same computation as a chain of public ops: ``Buffer.low_latency_dispatch`` → grouped GEMMs on
-    the packed layout (valid rows of each expert) → ``Buffer.low_latency_combine``.
-
-    Returns:
-        ``(output [N, H] bf16, ep_recv_count [L*R] int32)``, like ``Buffer.fused_deep_moe``.
-    """
-    wire = dict(use_fp8=False, quant_mode="int8") if quant_mode == 1 else dict(use_fp8=False)
-    recv_x, count, handle, _, _ = buffer.low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank,
-                                                              num_experts, **wire)
-    data, scales = recv_x if quant_mode == 1 else (recv_x, None)
-    valid = (handle[1] & 0xFFFFFFFF).sum(dim=1).tolist()
-    y = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
-    for i, n in enumerate(valid):
-        y[i, :n] = ffn.expert_ffn(data[i, :n], None if scales is None else scales[i, :n], gmm1_permuted_weight[i],
-                                  gmm1_permuted_weight_scale[i], gmm2_weight[i], gmm2_weight_scale[i], quant_mode)
-    combined, _, _ = buffer.low_latency_combine(y, topk_idx, topk_weights, handle)
-    return combined, (handle[1] & 0xFFFFFFFF).flatten().to(torch.int32)
 
 
 lib.impl("fused_deep_moe", fused_deep_moe, "CompositeExplicitAutograd")

@@ -19,18 +19,18 @@ def num_local_experts(num_experts: int, num_ranks: int, rank: int, num_shared_ex
     return num_experts // (num_ranks - num_shared_expert_ranks)
 
 
-def expert_rank(topk_idx: torch.Tensor, experts_per_rank: int, num_shared_expert_ranks: int = 0) -> torch.Tensor:
+def expert_rank(topk_idx: torch.Tensor, num_local_experts: int, num_shared_expert_ranks: int = 0) -> torch.Tensor:
     """Owning rank of every selected expert; ``-1`` where ``topk_idx`` is ``-1``.
 
     Args:
         topk_idx: int64 ``[num_tokens, num_topk]`` global expert ids.
-        experts_per_rank: local experts per routed rank.
+        num_local_experts: local experts per routed rank.
         num_shared_expert_ranks: ``S``; routed experts start at rank ``S``.
 
     Returns:
         int64 ``[num_tokens, num_topk]``.
     """
-    owner = torch.div(topk_idx, experts_per_rank, rounding_mode="floor") + num_shared_expert_ranks
+    owner = torch.div(topk_idx, num_local_experts, rounding_mode="floor") + num_shared_expert_ranks
     return torch.where(topk_idx >= 0, owner, torch.full_like(owner, -1))
 
 
@@ -48,8 +48,8 @@ def get_dispatch_layout(
     topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Local layout computation behind ``deepep::get_dispatch_layout`` (see its docstring in ``ops``)."""
-    experts_per_rank = num_experts // num_ranks
-    is_token_in_rank = token_in_rank(expert_rank(topk_idx, experts_per_rank), num_ranks)
+    num_local_experts = num_experts // num_ranks
+    is_token_in_rank = token_in_rank(expert_rank(topk_idx, num_local_experts), num_ranks)
     num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
     num_nodes = num_ranks // num_ranks_per_node
     in_node = is_token_in_rank.view(-1, num_nodes, num_ranks_per_node).any(dim=2)

@@ -1,28 +1,57 @@
 """Kernels of the normal-mode ops (layout, dispatch, cached dispatch, combine) and their autograd.
 
-Every communicating kernel follows the same steps. First the shared checks; a rank whose checks fail
-still joins the handshake so that its peers fail with it. Then the handshake (config agreement, data
-checks, the ``[R, R]`` traffic matrix). Then the payload rows, gathered per destination, go through the
-group's transport as they are, and the received buffer becomes the output; per-row metadata (expert ids,
-weights, scales, source index) travels packed in a parallel exchange. Autograd is DeepEP's duality: the backward of dispatch is a combine
-with the same handle, and the backward of combine is a cached dispatch.
+Every communicating kernel follows the same steps:
+
+1. **prepare** — the shared checks and all local work (quantization, per-token metadata rows). Whatever
+   fails here, the rank still joins the handshake with a failed status, so that its peers fail with it.
+2. **agree** — the handshake (settings agreement, data checks, the ``[R, R]`` traffic matrix).
+3. **exchange** — through the backend's ``tokens`` level: the payload rows (which become ``recv_x``) and,
+   in parallel, the per-token metadata (source index, expert ids, weights, scales) packed into one row.
+4. **finish** — local expert ids, masked weights, per-expert counts and the handle.
+
+Autograd is DeepEP's duality: the backward of dispatch is a combine with the same handle, and the
+backward of combine is a cached dispatch.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from meta_kernels import checks
 
-from . import _handshake, _registry, _waits, layout, quant
+from . import _handshake, _registry, _waits, layout
 from ._schemas import lib
-from ._wire import RowFormat, dense, dtype_code, take_rows
+from ._wire import RowFormat, dtype_code
 
-_DISPATCH_CFG = ["num_experts", "hidden", "x dtype", "x_scales columns", "x_scales dtype", "quant_mode",
-                 "num_topk (topk_idx)", "num_topk (topk_weights)", "num_worst_tokens"]
-_CACHED_CFG = ["hidden", "x dtype", "x_scales columns", "x_scales dtype", "num_topk (topk_weights)",
-               "handle (rank_prefix_matrix)"]
-_COMBINE_CFG = ["hidden", "x dtype", "num_topk (topk_weights)", "handle (rank_prefix_matrix)"]
+
+class DispatchSettings(NamedTuple):
+    num_experts: int
+    hidden: int
+    x_dtype: int
+    x_scales_columns: int
+    x_scales_dtype: int
+    quant_mode: int
+    num_topk: int
+    num_topk_weights: int
+    num_worst_tokens: int
+
+
+class CachedSettings(NamedTuple):
+    hidden: int
+    x_dtype: int
+    x_scales_columns: int
+    x_scales_dtype: int
+    num_topk_weights: int
+    handle: int  # fingerprint of rank_prefix_matrix
+
+
+class CombineSettings(NamedTuple):
+    hidden: int
+    x_dtype: int
+    num_topk_weights: int
+    handle: int
 
 
 def _width(t: torch.Tensor | None) -> int:
@@ -36,59 +65,52 @@ def _fingerprint(rank_prefix_matrix: torch.Tensor) -> int:
     return int((flat * weights).sum()) % (1 << 62)
 
 
-def _handshake_or_raise(ctx, op, seq, cfg, cfg_names, send_counts, status, device, expect_counts=None):
-    rows = _handshake.header(ctx, op, seq, cfg, send_counts, status or (0, 0, 0, 0), device, expect_counts)
-    received = _handshake.exchange(ctx, op, seq, rows)
-    _handshake.validate(ctx, op, seq, received, cfg_names)
-    return _handshake.send_matrix(received)
+def _meta_rows(num_tokens: int, device, **fields: torch.Tensor | None) -> tuple[RowFormat, torch.Tensor | None]:
+    """One packed metadata row per token holding every given field (``None`` when there are none)."""
+    given = {name: t for name, t in fields.items() if t is not None}
+    if not given:
+        return RowFormat([]), None
+    fmt = RowFormat([(name, t.dtype, 1 if t.dim() == 1 else t.shape[1]) for name, t in given.items()])
+    return fmt, fmt.pack(num_tokens, device, **given)
 
 
-def _exchange(ctx, op: str, seq: int, payload: torch.Tensor, meta: list, send_counts, recv_counts):
-    """Sends gathered payload rows as they are, with the small per-row metadata packed alongside.
-
-    Two exchanges in flight together: the payload's gathered rows are the send buffer themselves and
-    the received buffer becomes the output, so no pack or unpack pass touches the payload. ``meta`` is
-    a list of ``(name, dtype, width, rows)``.
-
-    Returns:
-        ``(received payload rows, metadata RowFormat, received metadata rows)``.
-    """
+def _exchange(group_ctx, op: str, seq: int, payload: torch.Tensor, meta: torch.Tensor | None,
+              is_token_in_rank: torch.Tensor, send_counts, recv_counts):
+    """Payload and metadata rows through the backend's tokens level, both in flight together."""
     sends, recvs = send_counts.tolist(), recv_counts.tolist()
-    pending = ctx.transport.all_to_all(payload, sends, recvs)
-    fmt = RowFormat([(name, dtype, width) for name, dtype, width, _ in meta])
-    meta_pending = None
-    if meta:
-        packed = fmt.pack(payload.shape[0], payload.device, **{name: rows for name, _, _, rows in meta})
-        meta_pending = ctx.transport.all_to_all(packed, sends, recvs)
-    received = _waits.wait(ctx, pending, op, seq)
-    return received, fmt, None if meta_pending is None else _waits.wait(ctx, meta_pending, op, seq)
+    pending = group_ctx.transport.dispatch_tokens(payload, is_token_in_rank, sends, recvs)
+    meta_pending = None if meta is None else group_ctx.transport.dispatch_tokens(meta, is_token_in_rank, sends, recvs)
+    received = _waits.wait(group_ctx, pending, op, seq)
+    return received, None if meta_pending is None else _waits.wait(group_ctx, meta_pending, op, seq)
 
 
 def _padded(rows: torch.Tensor, total: int, fill) -> torch.Tensor:
-    """``rows`` padded with ``fill`` to ``total`` rows, as a fresh contiguous tensor."""
-    out = rows.new_full((total, *rows.shape[1:]), fill) if total > rows.shape[0] else rows.new_empty(rows.shape)
+    """``rows`` padded with ``fill`` to ``total`` rows, as an output: a received buffer is returned as it is
+    when it needs no padding; views into packed metadata rows are copied out."""
+    if total == rows.shape[0] and rows.is_contiguous():
+        return rows
+    out = rows.new_full((total, *rows.shape[1:]), fill)
     out[:rows.shape[0]] = rows
     return out
 
 
-def _payload_out(recv: torch.Tensor, dtype: torch.dtype, total: int) -> torch.Tensor:
-    """The received payload as the output: the exchange's own fresh buffer, copied only to pad it."""
-    rows = recv.view(dtype)
-    return rows if total == rows.shape[0] else _padded(rows, total, 0)
-
-
-def _meta(fields: list, token: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Appends ``(name, dtype, width, gathered rows)`` for each tensor given."""
-    for name, t in tensors.items():
-        if t is not None:
-            fields.append((name, t.dtype, 1 if t.dim() == 1 else t.shape[1], take_rows(t, token)))
+def _status(topk_idx, is_token_in_rank, num_experts: int, num_ranks: int):
+    """Handshake status of the routing: an expert id out of range, or a layout that does not match it."""
+    status = _handshake.expert_id_status(topk_idx, num_experts)
+    if status is None and topk_idx is not None:
+        expected = layout.token_in_rank(layout.expert_rank(topk_idx, num_experts // num_ranks), num_ranks)
+        wrong = expected != is_token_in_rank
+        if bool(wrong.any()):
+            t, r = (int(i) for i in wrong.nonzero()[0])
+            status = (_handshake.STATUS_LAYOUT_MISMATCH, t, r, int(is_token_in_rank[t, r]))
+    return status
 
 
 def get_dispatch_layout(topk_idx, num_experts, group_name, num_ranks, num_ranks_per_node):
     op = "get_dispatch_layout"
-    ctx = _registry.get(group_name)
-    checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks),
-                       num_ranks_per_node=(num_ranks_per_node, ctx.num_ranks_per_node))
+    group_ctx = _registry.get(group_name)
+    checks.check_group(op, group_name, num_ranks=(num_ranks, group_ctx.num_ranks),
+                       num_ranks_per_node=(num_ranks_per_node, group_ctx.num_ranks_per_node))
     checks.check_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
     status = _handshake.expert_id_status(topk_idx, num_experts)
     if status is not None:
@@ -100,44 +122,36 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
              num_ranks, expert_alignment=1, num_worst_tokens=0, quant_mode="none", expert_token_nums_type=1,
              comm_seq=None):
     op = "dispatch"
-    ctx = _registry.get(group_name)
-    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
-    local = num_experts // max(num_ranks, 1)
+    group_ctx = _registry.get(group_name)
+    seq, rank, n_tokens = group_ctx.next_seq(op, x.shape[0]), group_ctx.rank, x.shape[0]
 
     def prepare():
-        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_group(op, group_name, num_ranks=(num_ranks, group_ctx.num_ranks))
         checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
                               num_experts, num_ranks, expert_alignment, num_worst_tokens, quant_mode,
                               expert_token_nums_type)
-        status = _handshake.expert_id_status(topk_idx, num_experts)
-        if status is None and topk_idx is not None:
-            expected = layout.token_in_rank(layout.expert_rank(topk_idx, local), num_ranks)
-            wrong = expected != is_token_in_rank
-            if bool(wrong.any()):
-                t, r = (int(i) for i in wrong.nonzero()[0])
-                status = (_handshake.STATUS_LAYOUT_MISMATCH, t, r, int(is_token_in_rank[t, r]))
-        data, scales = quant.per_token_int8(x) if quant_mode == "int8" else (x, x_scales)
-        _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # destination-major, ascending tokens
-        meta = [("src_idx", torch.int32, 1, token.to(torch.int32))]
-        _meta(meta, token, scales=scales, topk_idx=topk_idx, topk_weights=topk_weights)
-        return status, data, scales, take_rows(data, token), meta
+        data, scales = group_ctx.kernels.quantize_int8(x, 1e-12) if quant_mode == "int8" else (x, x_scales)
+        src_idx = torch.arange(n_tokens, dtype=torch.int32, device=x.device)
+        fmt, meta = _meta_rows(n_tokens, x.device, src_idx=src_idx, scales=scales, topk_idx=topk_idx,
+                               topk_weights=topk_weights)
+        return _status(topk_idx, is_token_in_rank, num_experts, num_ranks), data, scales, fmt, meta
 
-    status, data, scales, payload, meta = _handshake.run_checks(ctx, op, seq, _DISPATCH_CFG, x.device, prepare)
-    cfg = [num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
-           dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
-           _width(topk_idx), _width(topk_weights), num_worst_tokens]
+    status, data, scales, fmt, meta = _handshake.run_checks(group_ctx, op, seq, DispatchSettings, x.device, prepare)
+    settings = DispatchSettings(num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
+                                dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
+                                _width(topk_idx), _width(topk_weights), num_worst_tokens)
     send_counts = is_token_in_rank.sum(0)
-    matrix = _handshake_or_raise(ctx, op, seq, cfg, _DISPATCH_CFG, send_counts, status, x.device)
+    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts, device=x.device)
     recv_totals = matrix.sum(0)
     if num_worst_tokens > 0 and bool((recv_totals > num_worst_tokens).any()):
         r = int((recv_totals > num_worst_tokens).nonzero()[0])
         raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
                            f"per rank, got {int(recv_totals[r])} on rank {r}")
-    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, send_counts, matrix[:, rank])
+    recv, recv_meta = _exchange(group_ctx, op, seq, data, meta, is_token_in_rank, send_counts, matrix[:, rank])
 
     n = recv.shape[0]
     total = max(n, num_worst_tokens)
-    recv_x = _payload_out(recv, data.dtype, total)
+    recv_x = _padded(recv, total, 0)
     if scales is None:
         recv_x_scales = x.new_empty((total, 0), dtype=torch.float32)
     else:
@@ -146,26 +160,29 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
             recv_x_scales = recv_x_scales.view(total)
     recv_topk_idx = torch.empty(total, 0, dtype=torch.int64, device=x.device)
     recv_topk_weights = torch.empty(total, 0, dtype=torch.float32, device=x.device)
+    num_local_experts = num_experts // num_ranks
     if topk_idx is not None:
         ids = fmt.view(recv_meta, "topk_idx")
-        mine = (ids >= rank * local) & (ids < (rank + 1) * local)
-        local_ids = torch.where(mine, ids - rank * local, torch.full_like(ids, -1))
+        mine = (ids >= rank * num_local_experts) & (ids < (rank + 1) * num_local_experts)
+        local_ids = torch.where(mine, ids - rank * num_local_experts, torch.full_like(ids, -1))
         recv_topk_idx = _padded(local_ids, total, -1)
-        counts = layout.token_in_rank(local_ids, local).sum(0, dtype=torch.int32)
+        counts = layout.token_in_rank(local_ids, num_local_experts).sum(0, dtype=torch.int32)
         if topk_weights is not None:
             w = fmt.view(recv_meta, "topk_weights")
             recv_topk_weights = _padded(torch.where(mine, w, torch.zeros_like(w)), total, 0)
     else:
         ones = [1] * num_ranks
-        pending = ctx.transport.all_to_all(num_tokens_per_expert.view(num_ranks, local).long(), ones, ones)
-        counts = _waits.wait(ctx, pending, op, seq).sum(0).to(torch.int32)
+        per_expert = num_tokens_per_expert.view(num_ranks, num_local_experts).long()
+        pending = group_ctx.transport.all_to_all(per_expert, ones, ones)
+        counts = _waits.wait(group_ctx, pending, op, seq).sum(0).to(torch.int32)
     counts = layout.expert_counts_output(layout.align_up(counts, expert_alignment), expert_token_nums_type)
     order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
     send_head = torch.where(is_token_in_rank, order, torch.full_like(order, -1)).to(torch.int32)
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts,
             matrix.cumsum(0).to(torch.int32), send_counts.to(torch.int32).view(num_ranks, 1),
             torch.zeros(num_ranks, 1, dtype=torch.int32, device=x.device),
-            _padded(fmt.view(recv_meta, "src_idx").view(n), total, -1), send_head, _handshake.next_comm_seq(comm_seq, x))
+            _padded(fmt.view(recv_meta, "src_idx").reshape(n), total, -1), send_head,
+            _handshake.next_comm_seq(comm_seq, x))
 
 
 def _handle_rows_status(valid: int, rows: int):
@@ -173,75 +190,66 @@ def _handle_rows_status(valid: int, rows: int):
     return None if valid <= rows else (_handshake.STATUS_HANDLE_ROWS, valid, rows, 0)
 
 
+def _source_counts(handle, rank: int) -> torch.Tensor:
+    """Rows this rank received from each source in the handle's dispatch (int64 ``[R]``)."""
+    column = handle[0][:, rank].long()
+    return torch.diff(column, prepend=column.new_zeros(1))
+
+
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, comm_seq=None):
     op = "cached_dispatch"
-    ctx = _registry.get(group_name)
-    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
+    group_ctx = _registry.get(group_name)
+    seq, rank = group_ctx.next_seq(op, x.shape[0]), group_ctx.rank
 
     def prepare():
-        checks.check_group("dispatch", group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_group("dispatch", group_name, num_ranks=(num_ranks, group_ctx.num_ranks))
         checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks)
-        is_token_in_rank = handle[4]
-        _, token = is_token_in_rank.t().nonzero(as_tuple=True)
-        meta = []
-        _meta(meta, token, scales=x_scales, topk_weights=topk_weights)
-        column = handle[0][:, rank].long()
-        status = _handle_rows_status(int(column[-1]), handle[3].shape[0])
-        return status, torch.diff(column, prepend=column.new_zeros(1)), take_rows(x, token), meta
+        fmt, meta = _meta_rows(x.shape[0], x.device, scales=x_scales, topk_weights=topk_weights)
+        status = _handle_rows_status(int(handle[0][-1, rank]), handle[3].shape[0])
+        return status, _source_counts(handle, rank), fmt, meta
 
-    status, expect, payload, meta = _handshake.run_checks(ctx, op, seq, _CACHED_CFG, x.device, prepare)
+    status, expect, fmt, meta = _handshake.run_checks(group_ctx, op, seq, CachedSettings, x.device, prepare)
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
-    cfg = [x.shape[1], dtype_code(x.dtype), _width(x_scales), dtype_code(None if x_scales is None else x_scales.dtype),
-           _width(topk_weights), _fingerprint(rank_prefix_matrix)]
+    settings = CachedSettings(x.shape[1], dtype_code(x.dtype), _width(x_scales),
+                              dtype_code(None if x_scales is None else x_scales.dtype), _width(topk_weights),
+                              _fingerprint(rank_prefix_matrix))
     send_counts = is_token_in_rank.sum(0)
-    matrix = _handshake_or_raise(ctx, op, seq, cfg, _CACHED_CFG, send_counts, status, x.device, expect)
-    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, send_counts, matrix[:, rank])
+    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts,
+                              expect_counts=expect, device=x.device)
+    recv, recv_meta = _exchange(group_ctx, op, seq, x, meta, is_token_in_rank, send_counts, matrix[:, rank])
     total = recv_src_idx.shape[0]
     recv_x_scales = (_padded(fmt.view(recv_meta, "scales"), total, 0) if x_scales is not None
                      else x.new_empty((total, 0), dtype=torch.float32))
     recv_topk_weights = (_padded(fmt.view(recv_meta, "topk_weights"), total, 0) if topk_weights is not None
                          else x.new_empty((total, 0), dtype=torch.float32))
-    return _payload_out(recv, x.dtype, total), recv_x_scales, recv_topk_weights, _handshake.next_comm_seq(comm_seq, x)
+    return _padded(recv, total, 0), recv_x_scales, recv_topk_weights, _handshake.next_comm_seq(comm_seq, x)
 
 
 def combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm_seq=None):
     op = "combine"
-    ctx = _registry.get(group_name)
-    seq, rank = ctx.next_seq(op, x.shape[0]), ctx.rank
+    group_ctx = _registry.get(group_name)
+    seq, rank = group_ctx.next_seq(op, x.shape[0]), group_ctx.rank
 
     def prepare():
-        checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks))
+        checks.check_group(op, group_name, num_ranks=(num_ranks, group_ctx.num_ranks))
         checks.check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks)
-        column = handle[0][:, rank].long()
-        valid = int(column[-1])
-        meta = [] if topk_weights is None else [("topk_weights", torch.float32, topk_weights.shape[1],
-                                                  topk_weights[:valid])]
-        return (_handle_rows_status(valid, x.shape[0]), torch.diff(column, prepend=column.new_zeros(1)),
-                dense(x[:valid]).contiguous().view(torch.uint8), meta)
+        valid = int(handle[0][-1, rank])
+        return _handle_rows_status(valid, x.shape[0]), _source_counts(handle, rank), valid
 
-    status, per_source, payload, meta = _handshake.run_checks(ctx, op, seq, _COMBINE_CFG, x.device, prepare)
+    status, per_source, valid = _handshake.run_checks(group_ctx, op, seq, CombineSettings, x.device, prepare)
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
-    cfg = [x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix)]
-    matrix = _handshake_or_raise(ctx, op, seq, cfg, _COMBINE_CFG, per_source, status, x.device,
-                                 is_token_in_rank.sum(0))
-    recv, fmt, recv_meta = _exchange(ctx, op, seq, payload, meta, per_source, matrix[:, rank])
-    _, token = is_token_in_rank.t().nonzero(as_tuple=True)  # rows arrive destination-major, like dispatch sent them
-    num_tokens = is_token_in_rank.shape[0]
-    acc = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
-    for bias in (bias_0, bias_1):
-        if bias is not None:
-            acc += bias.float()
-    rows = recv.view(x.dtype)
-    # fp32 accumulation in cache-sized chunks: converting all received rows at once would write (and
-    # page-fault) a second, twice as large copy of the payload.
-    step = max(1, (1 << 21) // max(1, x.shape[1]))
-    for begin in range(0, rows.shape[0], step):
-        acc.index_add_(0, token[begin:begin + step], rows[begin:begin + step].float())
-    combined_w = x.new_empty((num_tokens, 0), dtype=torch.float32)
-    if topk_weights is not None:
-        combined_w = torch.zeros(num_tokens, topk_weights.shape[1], device=x.device)
-        combined_w.index_add_(0, token, fmt.view(recv_meta, "topk_weights"))
-    return acc.to(x.dtype), combined_w, _handshake.next_comm_seq(comm_seq, x)
+    settings = CombineSettings(x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix))
+    back = is_token_in_rank.sum(0)
+    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=per_source, expect_counts=back,
+                              device=x.device)
+    sends, recvs = per_source.tolist(), matrix[:, rank].tolist()
+    pending = group_ctx.transport.combine_tokens(x[:valid], is_token_in_rank, sends, recvs, (bias_0, bias_1))
+    weights_pending = None if topk_weights is None else group_ctx.transport.combine_tokens(
+        topk_weights[:valid], is_token_in_rank, sends, recvs, out_dtype=torch.float32)
+    combined = _waits.wait(group_ctx, pending, op, seq)
+    combined_w = (x.new_empty((is_token_in_rank.shape[0], 0), dtype=torch.float32) if weights_pending is None
+                  else _waits.wait(group_ctx, weights_pending, op, seq))
+    return combined, combined_w, _handshake.next_comm_seq(comm_seq, x)
 
 
 # --- autograd: dispatch.backward = combine, combine.backward = cached dispatch ------------------------
@@ -254,13 +262,9 @@ def _per_input(ctx, grads: tuple) -> tuple:
     return grads[:passed] + (None,) * (passed - len(grads))
 
 
-def _handle_from_dispatch(inputs, output) -> list[torch.Tensor]:
-    return [output[5], output[6], output[7], output[8], inputs[4], output[9]]
-
-
 def _setup_dispatch(ctx, inputs, output):
     x, topk_weights = inputs[0], inputs[3]
-    ctx.save_for_backward(*_handle_from_dispatch(inputs, output), output[2])
+    ctx.save_for_backward(output[5], output[6], output[7], output[8], inputs[4], output[9], output[2])
     ctx.group_name, ctx.num_ranks = inputs[7], inputs[8]
     ctx.x_grad = x.dtype in checks.FLOAT_DTYPES and inputs[11] != "int8"
     ctx.has_weights = topk_weights is not None

@@ -53,14 +53,14 @@ def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int
         num_tokens_per_expert [E] int32, is_token_in_rank [N, R] bool)``.
     """
     per_node = num_ranks if num_ranks_per_node is None else num_ranks_per_node
-    experts_per_rank = num_experts // num_ranks
+    num_local_experts = num_experts // num_ranks
     n = topk_idx.shape[0]
     is_token_in_rank = torch.zeros(n, num_ranks, dtype=torch.bool)
     num_tokens_per_expert = torch.zeros(num_experts, dtype=torch.int32)
     for t, row in enumerate(topk_idx.tolist()):
         for e in row:
             if e >= 0:
-                is_token_in_rank[t, e // experts_per_rank] = True
+                is_token_in_rank[t, e // num_local_experts] = True
                 num_tokens_per_expert[e] += 1
     nodes = is_token_in_rank.view(n, num_ranks // per_node, per_node).any(dim=2)
     return (is_token_in_rank.sum(0).to(torch.int32), nodes.sum(0).to(torch.int32), num_tokens_per_expert,
@@ -104,7 +104,7 @@ def dispatch(x: list[torch.Tensor], topk_idx: list[torch.Tensor] | None, topk_we
         One :class:`Dispatched` per rank.
     """
     num_ranks = len(x)
-    local = num_experts // num_ranks
+    num_local_experts = num_experts // num_ranks
     if is_token_in_rank is None:
         is_token_in_rank = [get_dispatch_layout(t, num_experts, num_ranks)[3] for t in topk_idx]
     payloads = [_payload(x[s], None if x_scales is None else x_scales[s], quant_mode) for s in range(num_ranks)]
@@ -121,16 +121,18 @@ def dispatch(x: list[torch.Tensor], topk_idx: list[torch.Tensor] | None, topk_we
                 rows_s.append(scales[toks])
             if topk_idx is not None:
                 ids = topk_idx[s][toks]
-                mine = (ids >= r * local) & (ids < (r + 1) * local)
-                rows_i.append(torch.where(mine, ids - r * local, torch.full_like(ids, -1)))
+                mine = (ids >= r * num_local_experts) & (ids < (r + 1) * num_local_experts)
+                rows_i.append(torch.where(mine, ids - r * num_local_experts, torch.full_like(ids, -1)))
                 if topk_weights is not None:
                     w = topk_weights[s][toks]
                     rows_w.append(torch.where(mine, w, torch.zeros_like(w)))
         recv_topk_idx = torch.cat(rows_i) if topk_idx is not None else None
         if topk_idx is not None:
-            counts = torch.stack([(recv_topk_idx == i).any(dim=1).sum() for i in range(local)]).to(torch.int32)
+            counts = torch.stack([(recv_topk_idx == i).any(dim=1).sum()
+                                  for i in range(num_local_experts)]).to(torch.int32)
         else:
-            counts = sum(n[r * local:(r + 1) * local].to(torch.int32) for n in num_tokens_per_expert)
+            mine = slice(r * num_local_experts, (r + 1) * num_local_experts)
+            counts = sum(n[mine].to(torch.int32) for n in num_tokens_per_expert)
         counts = expert_counts_output(align_up(counts, expert_alignment), expert_token_nums_type)
         n_me = is_token_in_rank[r].shape[0]
         order = is_token_in_rank[r].to(torch.int32).cumsum(0) - 1
@@ -232,9 +234,9 @@ def _experts_of(rank: int, num_experts: int, num_ranks: int, num_shared: int) ->
     """Global ids of a rank's local experts; ``-1`` stands for the shared expert of a shared rank."""
     if rank < num_shared:
         return [-1]
-    local = num_experts // (num_ranks - num_shared)
-    first = (rank - num_shared) * local
-    return list(range(first, first + local))
+    num_local_experts = num_experts // (num_ranks - num_shared)
+    first = (rank - num_shared) * num_local_experts
+    return list(range(first, first + num_local_experts))
 
 
 def _selects(topk_idx: torch.Tensor, src_rank: int, expert: int, receiver: int, num_shared: int) -> torch.Tensor:
@@ -294,7 +296,7 @@ def low_latency_combine(x: list[torch.Tensor], topk_idx: list[torch.Tensor], top
     """
     num_ranks = len(x)
     s_ranks = num_shared_expert_ranks
-    local = num_experts // (num_ranks - s_ranks)
+    num_local_experts = num_experts // (num_ranks - s_ranks)
 
     def row(receiver: int, i: int, src: int, token: int) -> torch.Tensor:
         d = dispatched[receiver]
@@ -310,7 +312,7 @@ def low_latency_combine(x: list[torch.Tensor], topk_idx: list[torch.Tensor], top
         for t in range(n):
             for k, e in enumerate(topk_idx[s][t].tolist()):
                 if e >= 0:
-                    rows[t, k] = row(s_ranks + e // local, e % local, s, t)
+                    rows[t, k] = row(s_ranks + e // num_local_experts, e % num_local_experts, s, t)
             if s_ranks:
                 shared[t] = row(_shared_rank(s, t, s_ranks), 0, s, t)
         acc = (topk_weights[s].unsqueeze(-1) * rows).sum(dim=1)

@@ -3,4 +3,4 @@
 No public API: imported once by ``deep_ep_ops/__init__.py`` for the registrations.
 """
 
-from . import checks, fused, low_latency, normal  # noqa: F401  (registration side effects)
+from . import checks, compute, fused, low_latency, normal  # noqa: F401  (registration side effects)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from deep_ep_ops import layout
+
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PAYLOAD_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
 QUANT_MODES = ("none", "int8")
@@ -184,48 +186,49 @@ def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks:
 
 def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m: int, num_experts: int,
                               num_ranks: int, rank: int, num_shared: int) -> None:
-    from deep_ep_ops.layout import num_local_experts
-
     op = "low_latency_combine"
     expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
     check_num_experts(op, num_experts, num_ranks - num_shared)
-    local = num_local_experts(num_experts, num_ranks, rank, num_shared)
+    num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     check_tensor(x, op, "x", 3, FLOAT_DTYPES)
-    expect(_shape(x)[:2] == [local, num_ranks * m], op,
+    expect(_shape(x)[:2] == [num_local_experts, num_ranks * m], op,
            f"x of shape [num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, hidden] = "
-           f"[{local}, {num_ranks * m}, hidden]", f"shape {_shape(x)}")
+           f"[{num_local_experts}, {num_ranks * m}, hidden]", f"shape {_shape(x)}")
     check_topk(op, topk_idx, topk_weights, topk_idx.shape[0] if topk_idx is not None else 0, x.device,
                weights_required=True)
     expect(topk_idx.shape[0] <= m, op, f"num_tokens <= num_max_dispatch_tokens_per_rank = {m}", topk_idx.shape[0])
     check_tensor(src_info, op, "handle[0] (src_info)", 2, torch.int32, x.device)
     check_tensor(layout_range, op, "handle[1] (layout_range)", 2, torch.int64, x.device)
-    expect(_shape(src_info) == [local, num_ranks * m] and _shape(layout_range) == [local, num_ranks], op,
-           f"a handle with src_info [{local}, {num_ranks * m}] and layout_range [{local}, {num_ranks}]",
+    expect(_shape(src_info) == [num_local_experts, num_ranks * m]
+           and _shape(layout_range) == [num_local_experts, num_ranks], op,
+           f"a handle with src_info [{num_local_experts}, {num_ranks * m}] and layout_range "
+           f"[{num_local_experts}, {num_ranks}]",
            f"{_shape(src_info)} and {_shape(layout_range)}", hint="a handle from another dispatch?")
 
 
 def check_fused(x, topk_idx, topk_weights, gmm1, gmm1_scale, gmm2, gmm2_scale, m: int, num_experts: int,
                 num_ranks: int, rank: int, num_shared: int, quant_mode: int) -> None:
     """``fused_deep_moe``'s own inputs (the dispatch half checks ``x`` and ``topk_idx``)."""
-    from deep_ep_ops.layout import num_local_experts
-
     op = "fused_deep_moe"
     expect(quant_mode in (0, 1), op, "quant_mode 0 (bf16 weights) or 1 (int8 W8A8)", quant_mode)
     check_topk(op, topk_idx, topk_weights, x.shape[0], x.device, weights_required=True)
     expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
     check_num_experts(op, num_experts, num_ranks - num_shared)
-    local, hidden = num_local_experts(num_experts, num_ranks, rank, num_shared), x.shape[1]
+    num_local_experts, hidden = layout.num_local_experts(num_experts, num_ranks, rank, num_shared), x.shape[1]
     weight_dtypes = (torch.int8,) if quant_mode == 1 else FLOAT_DTYPES
     check_tensor(gmm1, op, "gmm1_permuted_weight", 3, weight_dtypes, x.device)
     check_tensor(gmm2, op, "gmm2_weight", 3, weight_dtypes, x.device)
     two_i = gmm1.shape[2]
-    expect(_shape(gmm1)[:2] == [local, hidden] and two_i % 2 == 0, op,
-           f"gmm1_permuted_weight of shape [num_local_experts, hidden, 2 * intermediate] = [{local}, {hidden}, 2I]",
+    expect(_shape(gmm1)[:2] == [num_local_experts, hidden] and two_i % 2 == 0, op,
+           f"gmm1_permuted_weight of shape [num_local_experts, hidden, 2 * intermediate] = "
+           f"[{num_local_experts}, {hidden}, 2I]",
            f"shape {_shape(gmm1)}")
-    expect(_shape(gmm2) == [local, two_i // 2, hidden], op,
-           f"gmm2_weight of shape [num_local_experts, intermediate, hidden] = [{local}, {two_i // 2}, {hidden}]",
+    expect(_shape(gmm2) == [num_local_experts, two_i // 2, hidden], op,
+           f"gmm2_weight of shape [num_local_experts, intermediate, hidden] = "
+           f"[{num_local_experts}, {two_i // 2}, {hidden}]",
            f"shape {_shape(gmm2)}")
     for name, scale, width in (("gmm1_permuted_weight_scale", gmm1_scale, two_i), ("gmm2_weight_scale", gmm2_scale,
                                                                                     hidden)):
         check_tensor(scale, op, name, 2, torch.float32, x.device)
-        expect(_shape(scale) == [local, width], op, f"{name} of shape [{local}, {width}]", f"shape {_shape(scale)}")
+        expect(_shape(scale) == [num_local_experts, width], op, f"{name} of shape [{num_local_experts}, {width}]",
+               f"shape {_shape(scale)}")

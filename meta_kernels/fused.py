@@ -18,6 +18,6 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1, gmm1_scale, gmm2, gmm2_scale
                                       op="fused_deep_moe")
     checks.check_fused(x, topk_idx, topk_weights, gmm1, gmm1_scale, gmm2, gmm2_scale, m, num_experts, num_ranks,
                        rank, num_shared_expert_ranks, quant_mode)
-    num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared_expert_ranks)
-    return (x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty((num_local * num_ranks,), dtype=torch.int32),
+    num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared_expert_ranks)
+    return (x.new_empty(x.shape, dtype=torch.bfloat16), x.new_empty((num_local_experts * num_ranks,), dtype=torch.int32),
             x.new_empty((1,), dtype=torch.int64))

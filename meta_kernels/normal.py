@@ -10,16 +10,9 @@ from __future__ import annotations
 import torch
 
 from deep_ep_ops._schemas import lib
+from deep_ep_ops._shapes import normal_recv_payload
 
 from . import checks
-
-
-def _recv_payload(x, x_scales, quant_mode: str, num_recv) -> tuple[torch.Tensor, torch.Tensor]:
-    if quant_mode == "int8":
-        return x.new_empty((num_recv, x.shape[1]), dtype=torch.int8), x.new_empty((num_recv,), dtype=torch.float32)
-    scales = (x.new_empty((num_recv, x_scales.shape[1]), dtype=x_scales.dtype) if x_scales is not None
-              else x.new_empty((num_recv, 0), dtype=torch.float32))
-    return x.new_empty((num_recv, x.shape[1])), scales
 
 
 def _seq(x) -> torch.Tensor:
@@ -42,7 +35,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
                           num_experts, r, expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type)
     n = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
-    recv_x, recv_x_scales = _recv_payload(x, x_scales, quant_mode, n)
+    recv_x, recv_x_scales = normal_recv_payload(x, x_scales, quant_mode, n)
     k = topk_idx.shape[1] if topk_idx is not None else 0
     kw = topk_weights.shape[1] if topk_weights is not None else 0
     i32 = torch.int32
@@ -56,7 +49,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, comm_seq=None):
     checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks)
     n = handle[3].shape[0]
-    recv_x, recv_x_scales = _recv_payload(x, x_scales, "none", n)
+    recv_x, recv_x_scales = normal_recv_payload(x, x_scales, "none", n)
     kw = topk_weights.shape[1] if topk_weights is not None else 0
     return recv_x, recv_x_scales, x.new_empty((n, kw), dtype=torch.float32), _seq(x)
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from cases_normal import assert_same, env
 from cases_low_latency import LLCase, make_inputs
 from deep_ep_ops import Buffer, make_fused_weights, reference
-from deep_ep_ops.fused import unfused_deep_moe
+from benchmarks._chains import unfused_deep_moe
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,9 +6,16 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
+
+# The repository root, for ``benchmarks`` (its op chains are the tests' oracles too); spawned ranks
+# inherit sys.path.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 # Compiler caches go to a private temp dir (inductor also writes precompiled headers under TMPDIR);
 # one compile thread keeps multi-rank inductor tests reliable on 2 cores. Set before any spawn.

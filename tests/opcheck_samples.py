@@ -35,7 +35,7 @@ def samples(group_name: str, rank: int = 0) -> dict[str, list[tuple]]:
     worst_handle = [worst[5], worst[6], worst[7], worst[8], layout[3], worst[9]]
     bias = torch.randn(x.shape[0], hidden, requires_grad=True)
     ll = _low_latency_samples(group_name, rank)
-    return {**ll, **_fused_samples(group_name, rank),
+    return {**ll, **_fused_samples(group_name, rank), **_compute_samples(),
         "get_dispatch_layout.default": [(idx, num_experts, g, r, r)],
         "dispatch.default": [
             (x, None, idx, w, layout[3], layout[2], num_experts, g, r, 2, 0, "none", 1, seq),
@@ -100,3 +100,23 @@ def _fused_samples(group_name: str, rank: int) -> dict[str, list[tuple]]:
         (x, idx, w, *make_fused_weights(w13, w2, 0), m, num_experts, group_name, num_ranks, rank, 0, 0,
          torch.zeros(1, dtype=torch.int64)),
     ]}
+
+
+def _compute_samples() -> dict[str, list[tuple]]:
+    """The private compute ops (deep_ep_ops.compute): local, no communication."""
+    g = torch.Generator().manual_seed(40)
+    rows = torch.randn(6, 256, generator=g).bfloat16()
+    index = torch.tensor([5, 0, 0, 3])
+    token = torch.tensor([1, 0, 1, 2, 2, 0])
+    slot = torch.tensor([[0, 6], [2, 3], [6, 6]])
+    w = torch.rand(3, 2, generator=g)
+    bias = torch.randn(3, 256, generator=g)
+    return {
+        "_gather_rows.default": [(rows, index), (rows.view(torch.uint8), index)],
+        "_scatter_rows.default": [(torch.zeros(6, 256).bfloat16(), index[:2], rows[:2])],
+        "_combine_reduce.default": [(rows, token, 3, bias, None, torch.bfloat16), (rows.float(), token, 4, None,
+                                                                                   None, torch.float32)],
+        "_weighted_reduce.default": [(rows, slot, w), (rows, slot, w[:, :1])],
+        "_quantize_int8.default": [(rows, 0.0), (rows.float(), 1e-12)],
+        "_quantize_fp8.default": [(rows, False, False), (torch.randn(2, 512, generator=g), True, True)],
+    }

@@ -46,6 +46,12 @@ class TestSchemas(expecttest.TestCase):
         """Every schema, so that a change is deliberate (update with EXPECTTEST_ACCEPT=1)."""
         text = "\n".join(str(overload(name)._schema) for name in all_overloads())
         self.assertExpectedInline(text, """\
+deepep::_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? bias_0, Tensor? bias_1, ScalarType out_dtype) -> Tensor
+deepep::_gather_rows(Tensor rows, Tensor index) -> Tensor
+deepep::_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)
+deepep::_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)
+deepep::_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()
+deepep::_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor
 deepep::combine(Tensor x, Tensor[] handle, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, str group_name, int num_ranks, Tensor? comm_seq=None) -> (Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)
 deepep::dispatch.cached(Tensor x, Tensor? x_scales, Tensor? topk_weights, Tensor[] handle, str group_name, int num_ranks, Tensor? comm_seq=None) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, Tensor comm_seq_out)
 deepep::dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, Tensor? num_tokens_per_expert, int num_experts, str group_name, int num_ranks, int expert_alignment=1, int num_worst_tokens=0, str quant_mode="none", int expert_token_nums_type=1, Tensor? comm_seq=None) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights, Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx, Tensor send_head, Tensor comm_seq_out)

@@ -1,71 +1,93 @@
-"""Transports move bytes between the ranks of a group; everything else (checks, layouts, packing,
-quantization, ordering) is shared by all of them.
+"""The backend registry: every backend name, alias and ``DEEP_USE_MODE`` value, and how one is chosen.
 
-A transport implements one primitive, a variable-split all-to-all of rows:
+``Buffer(transport=...)``, else ``DEEP_USE_MODE``, else automatic. Names (case-insensitive):
 
-    transport.all_to_all(send, send_splits, recv_splits) -> Pending
+| name | aliases | moves data with |
+|---|---|---|
+| ``all_to_all`` | ``alltoall`` | ``torch.distributed.all_to_all_single`` on any collective backend |
+| ``default`` | ``auto`` | the best backend available for the group (see :func:`resolve`) |
+| ``ops`` | | Ascend's ``torch_npu.npu_moe_distribute_*`` ops (needs torch_npu and an NPU; not in this build) |
 
-``send`` is ``[sum(send_splits), ...]`` (uint8 byte rows or int64 headers), rows ``[a, b)`` of it go to
-rank ``r`` where ``a = sum(send_splits[:r])``, and the result stacks the rows received from every rank
-in rank order. ``Pending.poll(timeout_s)`` waits at most that long and says whether the data arrived;
-``Pending.result()`` returns it. Timeouts, naming missing peers and validation are shared code
-(``deep_ep_ops._waits``, ``deep_ep_ops._handshake``).
-
-Names (``Buffer(transport=...)`` or ``DEEP_USE_MODE``): ``all_to_all`` (alias ``alltoall``) — the portable
-``torch.distributed`` baseline on any backend; ``default``/``auto`` — the best available, currently
-``all_to_all``.
+How to add a backend: write ``transports/<name>.py`` with a subclass of
+:class:`~deep_ep_ops.transports.base.Transport` that implements ``all_to_all`` and whichever higher levels
+it does better (see ``base.py``), add a :class:`Entry` to ``BACKENDS`` below, and run the tier-2 matrix
+with ``Buffer(transport=<name>)``.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import dataclasses
+import importlib
+from collections.abc import Callable
 
-import torch
-import torch.distributed as dist
+from .base import Done, Pending, Transport
 
-
-class Pending(Protocol):
-    """An exchange in flight."""
-
-    def poll(self, timeout_s: float) -> bool: ...
-
-    def result(self) -> torch.Tensor: ...
+__all__ = ["BACKENDS", "Done", "Pending", "Transport", "create", "names", "resolve"]
 
 
-class Transport(Protocol):
-    """What an op needs from a transport (see the module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A registered backend: ``factory`` is ``"module:Class"`` (imported on first use)."""
 
-    name: str
-
-    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending: ...
-
-
-_ALIASES = {"all_to_all": "all_to_all", "alltoall": "all_to_all", "default": "all_to_all", "auto": "all_to_all"}
-# Names that exist in DeepEP-Ascend but need hardware this install does not have.
-_DEVICE_ONLY = {"ops": "the Ascend torch_npu.npu_moe_distribute_* ops (needs torch_npu and an NPU)"}
+    factory: str
+    aliases: tuple[str, ...] = ()
+    #: Why the backend cannot serve a group here (``None`` when it can); gets the group's topology.
+    unavailable: Callable[[object], str | None] = lambda topology: None
 
 
-def resolve_transport_name(name: str | None) -> str:
-    """Canonical transport name for ``name`` (``None`` = automatic).
+def _needs_torch_npu(topology) -> str | None:
+    return "it needs torch_npu and an Ascend NPU, which this build does not include"
+
+
+BACKENDS: dict[str, Entry] = {
+    "all_to_all": Entry("deep_ep_ops.transports.all_to_all:AllToAllTransport", aliases=("alltoall",)),
+    "ops": Entry("", unavailable=_needs_torch_npu),
+}
+AUTO = ("default", "auto")
+
+
+def names() -> list[str]:
+    """Every accepted name: backends, their aliases and the automatic choice."""
+    return sorted([*BACKENDS, *(a for e in BACKENDS.values() for a in e.aliases), *AUTO])
+
+
+def canonical(name: str, what: str = "a transport") -> str:
+    """The registry name behind ``name`` (``default``/``auto`` stay as they are).
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones), or a device transport that is not
-            available here.
+        ValueError: an unknown name; the message lists the valid ones.
     """
-    if name is None:
-        return "all_to_all"
     key = name.lower()
-    if key in _ALIASES:
-        return _ALIASES[key]
-    if key in _DEVICE_ONLY:
-        raise ValueError(f"deepep: transport {name!r} uses {_DEVICE_ONLY[key]}, which is not available here")
-    raise ValueError(f"deepep: expected a transport in {sorted(_ALIASES)}, got {name!r}")
+    if key in BACKENDS or key in AUTO:
+        return key
+    for backend, entry in BACKENDS.items():
+        if key in entry.aliases:
+            return backend
+    raise ValueError(f"deepep: expected {what} in {names()}, got {name!r}")
 
 
-def create_transport(name: str, group: dist.ProcessGroup) -> Transport:
-    """Instantiates the transport ``name`` (canonical, see :func:`resolve_transport_name`) for ``group``."""
-    if name == "all_to_all":
-        from .all_to_all import AllToAllTransport
+def resolve(name: str | None, topology) -> str:
+    """The backend to build for a group: ``name`` (``None`` = automatic) checked against ``topology``.
 
-        return AllToAllTransport(group)
-    raise ValueError(f"deepep: expected a transport in {sorted(_ALIASES)}, got {name!r}")
+    Automatic choice: ``all_to_all`` today (the backends that need a topology register here).
+
+    Raises:
+        ValueError: unknown name, or a backend that cannot serve this group (the message says why).
+    """
+    key = canonical(name) if name is not None else "default"
+    if key in AUTO:
+        return next(n for n in _PREFERENCE if BACKENDS[n].unavailable(topology) is None)
+    reason = BACKENDS[key].unavailable(topology)
+    if reason is not None:
+        raise ValueError(f"deepep: transport {name!r} cannot serve this group: {reason}")
+    return key
+
+
+#: Automatic choice, best first; the first available one wins.
+_PREFERENCE = ("all_to_all",)
+
+
+def create(name: str, group, topology, kernels) -> Transport:
+    """Builds the backend ``name`` (a :func:`resolve` result) for ``group``."""
+    module, cls = BACKENDS[name].factory.split(":")
+    return getattr(importlib.import_module(module), cls)(group, topology, kernels)

@@ -1,9 +1,10 @@
-"""``all_to_all``: the portable transport, one ``torch.distributed.all_to_all_single`` per exchange.
+"""``all_to_all``: the portable backend, one ``torch.distributed.all_to_all_single`` per exchange.
 
-Works on every backend (gloo, NCCL, HCCL). Payloads travel as uint8 byte rows because gloo rejects
-float8 and int16 tensors. On CPU the exchange is asynchronous and polled, so a missing peer becomes a
-timeout that names it instead of a hang; on accelerators the work is stream-ordered and completes
-without a host wait.
+Works on every collective backend (gloo, NCCL, HCCL) and implements only the ``rows`` level; the other
+levels use the shared fallbacks of :class:`~deep_ep_ops.transports.base.Transport`. Payloads travel as
+bytes (gloo rejects float8 and int16 tensors). On CPU the exchange is asynchronous and polled, so a
+missing peer becomes a timeout that names it instead of a hang; on accelerators the work is
+stream-ordered and completes without a host wait.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from .._wire import dense
+from .base import Done, Transport
+
+#: dtypes gloo's all_to_all takes as they are; anything else is moved as its bytes.
+_NATIVE_DTYPES = (torch.uint8, torch.int8, torch.int32, torch.int64, torch.bfloat16, torch.float16, torch.float32)
+
 
 class _Pending:
-    def __init__(self, work: dist.Work | None, output: torch.Tensor, stream_ordered: bool):
+    def __init__(self, work: dist.Work, output: torch.Tensor, stream_ordered: bool):
         self._work = work
         self._output = output
-        self._done = work is None
+        self._done = False
         self._stream_ordered = stream_ordered
 
     def poll(self, timeout_s: float) -> bool:
@@ -41,20 +48,22 @@ class _Pending:
         return self._output
 
 
-class AllToAllTransport:
-    """``all_to_all_single`` over the group's own backend."""
+class AllToAllTransport(Transport):
+    """``all_to_all_single`` over the group's own collective backend."""
 
     name = "all_to_all"
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
-
-    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> _Pending:
+    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
+        dtype = send.dtype
+        send = dense(send)
+        if dtype not in _NATIVE_DTYPES:
+            send = send.view(torch.uint8)
         output = send.new_empty((sum(recv_splits), *send.shape[1:]))
-        if self.group.size() == 1:
+        if self.num_ranks == 1:
             output.copy_(send)
-            return _Pending(None, output, stream_ordered=False)
+            return Done(output.view(dtype))
         work = dist.all_to_all_single(
             output, send.contiguous(), recv_splits, send_splits, group=self.group, async_op=True
         )
-        return _Pending(work, output, stream_ordered=send.device.type != "cpu")
+        pending = _Pending(work, output, stream_ordered=send.device.type != "cpu")
+        return pending if dtype in _NATIVE_DTYPES else Done(None, (pending,), lambda: output.view(dtype))

@@ -1,0 +1,141 @@
+"""The compute seam: the hot loops of every op as small functions with documented shapes.
+
+Each loop is a private op defined in ``_schemas.py`` (``deepep::_gather_rows`` …) whose pure-torch
+implementation is the method of :class:`Kernels` below. ``csrc/`` registers C++ CPU kernels for the same
+ops with ``TORCH_LIBRARY_IMPL(deepep, CPU)``; :class:`NativeKernels` calls them through the dispatcher.
+The pure-torch path stays the fallback and the oracle: the package works without the build, and the
+tests run both paths against the reference (bitwise, since no kernel here rounds differently).
+
+A group's context holds one of the two (``DEEP_EP_OPS_KERNELS``, ``Buffer(kernels=)``), so the ops
+never branch on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import quant
+from ._wire import dense, words
+
+
+def destination_major_tokens(is_token_in_rank: torch.Tensor) -> torch.Tensor:
+    """int64 ``[sum of is_token_in_rank]``: the tokens sent to rank 0 in ascending order, then rank 1, …"""
+    return is_token_in_rank.t().nonzero(as_tuple=True)[1]
+
+
+class Kernels:
+    """The pure-torch kernels (the oracle); see the module docstring."""
+
+    name = "python"
+
+    def gather_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``rows[index]`` for rows of any dtype and strides (moved as integer words, which is fast).
+
+        Args:
+            rows: ``[n, ...]``.
+            index: int64 ``[m]`` in ``[0, n)``.
+
+        Returns:
+            ``[m, ...]`` like ``rows``, contiguous.
+        """
+        rows = dense(rows)
+        return words(rows).index_select(0, index).view(rows.dtype).view(index.shape[0], *rows.shape[1:])
+
+    def scatter_rows(self, out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """``out[index] = rows`` for a 2-D contiguous ``out`` and ``rows`` with as many bytes per row."""
+        words(out).index_copy_(0, index, words(rows))
+
+    def combine_reduce(self, rows: torch.Tensor, token: torch.Tensor, num_tokens: int,
+                       bias_0: torch.Tensor | None = None, bias_1: torch.Tensor | None = None,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``round(bias_0 + bias_1 + Σ rows of each token)`` in fp32, rows added in their order, rounded once.
+
+        Args:
+            rows: ``[n, W]`` floating; row ``j`` belongs to token ``token[j]`` (int64 ``[n]``).
+            num_tokens: ``N``.
+            bias_0, bias_1: optional ``[N, W]`` floating.
+            out_dtype: result dtype (default ``rows.dtype``).
+
+        Returns:
+            ``[N, W]`` of ``out_dtype``.
+        """
+        acc = torch.zeros(num_tokens, rows.shape[1], dtype=torch.float32, device=rows.device)
+        for bias in (bias_0, bias_1):
+            if bias is not None:
+                acc += bias.float()
+        # Cache-sized chunks: converting all rows to fp32 at once would write (and page-fault) a second,
+        # twice as large copy of the payload.
+        step = max(1, (1 << 21) // max(1, rows.shape[1]))
+        for begin in range(0, rows.shape[0], step):
+            acc.index_add_(0, token[begin:begin + step], rows[begin:begin + step].float())
+        return acc.to(rows.dtype if out_dtype is None else out_dtype)
+
+    def weighted_reduce(self, rows: torch.Tensor, slot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The low-latency combine sum: ``Σ_k weights[t, k] · rows[slot[t, k]]`` (+ ``rows[slot[t, K]]`` with
+        weight 1 when ``slot`` has a column more than ``weights``) in fp32, slots in order, rounded once.
+
+        Args:
+            rows: ``[n, H]`` floating.
+            slot: int64 ``[N, K]`` or ``[N, K + 1]``; ``n`` (one past the end) marks an unused slot.
+            weights: float32 ``[N, K]``.
+
+        Returns:
+            ``[N, H]`` of ``rows.dtype``.
+        """
+        n, k = slot.shape[0], weights.shape[1]
+        acc = torch.zeros(n, rows.shape[1], dtype=torch.float32, device=rows.device)
+        padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # row n: the zero row of unused slots
+        for j in range(slot.shape[1]):
+            picked = self.gather_rows(padded, slot[:, j]).float()
+            acc += picked * weights[:, j:j + 1] if j < k else picked
+        return acc.to(rows.dtype)
+
+    def quantize_int8(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token INT8, see :func:`deep_ep_ops.quant.per_token_int8`."""
+        return quant.per_token_int8(x, eps)
+
+    def quantize_fp8(self, x: torch.Tensor, round_scale: bool, use_ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-128-channel FP8, see :func:`deep_ep_ops.quant.per_block_fp8`."""
+        return quant.per_block_fp8(x, round_scale, use_ue8m0)
+
+
+class NativeKernels(Kernels):
+    """The same kernels through the dispatcher: the C++ CPU kernels of ``csrc/`` where they are built."""
+
+    name = "native"
+
+    def gather_rows(self, rows, index):
+        return torch.ops.deepep._gather_rows(dense(rows), index)
+
+    def scatter_rows(self, out, index, rows):
+        torch.ops.deepep._scatter_rows(out, index, dense(rows))
+
+    def combine_reduce(self, rows, token, num_tokens, bias_0=None, bias_1=None, out_dtype=None):
+        return torch.ops.deepep._combine_reduce(rows, token, num_tokens, bias_0, bias_1,
+                                                rows.dtype if out_dtype is None else out_dtype)
+
+    def weighted_reduce(self, rows, slot, weights):
+        return torch.ops.deepep._weighted_reduce(rows, slot, weights)
+
+    def quantize_int8(self, x, eps):
+        return tuple(torch.ops.deepep._quantize_int8(x, eps))
+
+    def quantize_fp8(self, x, round_scale, use_ue8m0):
+        return tuple(torch.ops.deepep._quantize_fp8(x, round_scale, use_ue8m0))
+
+
+PYTHON = Kernels()
+NATIVE = NativeKernels()
+
+
+def _register() -> None:
+    """The pure-torch kernels are the ops' implementation for every device; a CPU kernel from csrc/
+    takes precedence over them on CPU (a direct registration beats CompositeExplicitAutograd)."""
+    from ._schemas import lib
+
+    for name in ("gather_rows", "scatter_rows", "combine_reduce", "weighted_reduce", "quantize_int8",
+                 "quantize_fp8"):
+        lib.impl(f"_{name}", getattr(PYTHON, name), "CompositeExplicitAutograd")
+
+
+_register()

@@ -1,0 +1,165 @@
+"""The interface every backend implements, and the shared fallbacks between its levels.
+
+A backend moves data between the ranks of one group. The ops (checks, handshake, layouts, quantization,
+ordering) are shared; a backend sees the data at up to four levels and implements the ones it can do
+better than the level below. :class:`Transport` implements every level above ``rows`` on top of the one
+below it, so a new backend needs only ``all_to_all``:
+
+1. **rows** — :meth:`Transport.all_to_all`: a variable-split all-to-all of rows already expanded per
+   destination. Required.
+2. **tokens** — :meth:`Transport.dispatch_tokens` / :meth:`Transport.combine_tokens`: token rows with
+   their destination mask (normal mode). A node-aware backend sends a token once per node and fans out
+   inside it; combine reduces inside the node first. Fallback: gather per destination, then ``rows``.
+3. **bounded slots** — :meth:`Transport.exchange_slots`: per (source, destination) chunks of fixed
+   capacity plus the number of real rows in each (low-latency mode), so a one-sided backend moves only
+   the real rows while shapes stay static. Fallback: the whole padded chunks through ``rows``, with the
+   counts in a second exchange.
+4. **whole op** — :meth:`Transport.override`: a vendor op that implements a whole deepep op itself (the
+   Ascend ``npu_moe_distribute_*`` ops). Default: none.
+
+Every level returns a :class:`Pending`; ``deep_ep_ops._waits.wait`` bounds how long anyone waits for it.
+Received buffers are fresh tensors that the ops may hand to the caller as outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from .. import compute
+
+
+class Pending(Protocol):
+    """An exchange in flight."""
+
+    def poll(self, timeout_s: float) -> bool:
+        """Waits at most ``timeout_s`` seconds; says whether the exchange completed."""
+
+    def result(self):
+        """The received data (only after ``poll`` returned True)."""
+
+
+class Done:
+    """A :class:`Pending` that completed already (or whose result is computed from other pendings)."""
+
+    def __init__(self, result, waits: tuple[Pending, ...] = (), finish: Callable | None = None):
+        self._result, self._waits, self._finish = result, list(waits), finish
+
+    def poll(self, timeout_s: float) -> bool:
+        while self._waits:
+            if not self._waits[0].poll(timeout_s):
+                return False
+            self._waits.pop(0)
+        if self._finish is not None:
+            self._result, self._finish = self._finish(), None
+        return True
+
+    def result(self):
+        return self._result
+
+
+def exchange_device(group: dist.ProcessGroup) -> torch.device:
+    """Where the group's collective backend takes its tensors (CUDA for NCCL, NPU for HCCL, else CPU)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if "hccl" in backend:
+        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    return torch.device("cpu")
+
+
+class Transport:
+    """Base class of the backends (see the module docstring). ``name`` is the registry name."""
+
+    name = "?"
+
+    def __init__(self, group: dist.ProcessGroup, topology, kernels: compute.Kernels):
+        self.group = group
+        self.topology = topology
+        self.kernels = kernels
+        self.num_ranks, self.rank = group.size(), group.rank()
+
+    @property
+    def device(self) -> torch.device:
+        """The device this backend exchanges tensors on."""
+        return exchange_device(self.group)
+
+    # --- level 1: rows ---------------------------------------------------------------------------------
+
+    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> Pending:
+        """Rows ``[a, b)`` of ``send`` go to rank ``r`` (``a = sum(send_splits[:r])``); the result stacks
+        the rows received from every rank in rank order."""
+        raise NotImplementedError
+
+    # --- level 2: tokens ---------------------------------------------------------------------------------
+
+    def dispatch_tokens(self, rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_counts: list[int],
+                        recv_counts: list[int]) -> Pending:
+        """Sends token ``t``'s row to every rank ``r`` with ``is_token_in_rank[t, r]``.
+
+        Args:
+            rows: ``[N, ...]`` one row per token, any dtype (bytes are moved as they are).
+            is_token_in_rank: bool ``[N, R]``.
+            send_counts: ``is_token_in_rank.sum(0)``; recv_counts: rows each rank sends here.
+
+        Returns:
+            A pending whose result is ``[sum(recv_counts), ...]``, ordered by (source rank, source token).
+        """
+        token = compute.destination_major_tokens(is_token_in_rank)
+        return self.all_to_all(self.kernels.gather_rows(rows, token), send_counts, recv_counts)
+
+    def combine_tokens(self, rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_counts: list[int],
+                       recv_counts: list[int], bias: tuple[torch.Tensor | None, ...] = (),
+                       out_dtype: torch.dtype | None = None) -> Pending:
+        """The inverse of :meth:`dispatch_tokens`, reducing: each token's rows are summed on its source rank.
+
+        Args:
+            rows: ``[n, W]`` floating, in the receive order of the dispatch this combines.
+            is_token_in_rank: bool ``[N, R]`` of this rank's tokens (the dispatch's handle).
+            send_counts: rows of ``rows`` that came from each rank; recv_counts: rows each rank returns.
+            bias: up to two ``[N, W]`` tensors the sum starts from.
+            out_dtype: dtype of the result (default ``rows.dtype``).
+
+        Returns:
+            A pending whose result is ``[N, W]``: ``round(bias_0 + bias_1 + Σ_r row_r)`` accumulated in fp32,
+            rows added in rank order, rounded once.
+        """
+        pending = self.all_to_all(rows, send_counts, recv_counts)
+        token = compute.destination_major_tokens(is_token_in_rank)
+        num_tokens = is_token_in_rank.shape[0]
+        dtype = rows.dtype if out_dtype is None else out_dtype
+        return Done(None, (pending,), lambda: self.kernels.combine_reduce(pending.result(), token, num_tokens,
+                                                                          *bias, out_dtype=dtype))
+
+    # --- level 3: bounded slots ---------------------------------------------------------------------------
+
+    def exchange_slots(self, send: torch.Tensor, send_caps: list[int], counts: torch.Tensor,
+                       recv_caps: list[int]) -> Pending:
+        """Chunk ``r`` of ``send`` (``send_caps[r]`` rows) goes to rank ``r``; only its first ``counts[r]``
+        rows are real.
+
+        Args:
+            send: ``[sum(send_caps), ...]``.
+            counts: int64 ``[R]`` on ``send``'s device (never read on the host, so graphs can capture it).
+            recv_caps: the capacity of the chunk each rank sends here.
+
+        Returns:
+            A pending whose result is ``(recv [sum(recv_caps), ...], recv_counts int64 [R])``; rows of chunk
+            ``s`` past ``recv_counts[s]`` are undefined.
+        """
+        ones = [1] * self.num_ranks
+        rows = self.all_to_all(send, send_caps, recv_caps)
+        sizes = self.all_to_all(counts.view(-1, 1).to(torch.int64), ones, ones)
+        return Done(None, (rows, sizes), lambda: (rows.result(), sizes.result().view(-1)))
+
+    # --- level 4: whole op ----------------------------------------------------------------------------
+
+    def override(self, op: str) -> Callable | None:
+        """A vendor implementation of the whole ``deepep::<op>``, called with the op's arguments."""
+        return None
+
+    def close(self) -> None:
+        """Releases what the backend holds (shared memory, subgroups)."""

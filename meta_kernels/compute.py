@@ -1,0 +1,40 @@
+"""Fake kernels of the private compute ops (``deep_ep_ops.compute``), so that opcheck can run on them."""
+
+from __future__ import annotations
+
+import torch
+
+from deep_ep_ops._schemas import lib
+
+
+@torch.library.register_fake("deepep::_gather_rows", lib=lib)
+def _gather_rows(rows, index):
+    return rows.new_empty((index.shape[0], *rows.shape[1:]))
+
+
+@torch.library.register_fake("deepep::_scatter_rows", lib=lib)
+def _scatter_rows(out, index, rows):
+    return None
+
+
+@torch.library.register_fake("deepep::_combine_reduce", lib=lib)
+def _combine_reduce(rows, token, num_tokens, bias_0, bias_1, out_dtype):
+    return rows.new_empty((num_tokens, rows.shape[1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("deepep::_weighted_reduce", lib=lib)
+def _weighted_reduce(rows, slot, weights):
+    return rows.new_empty((slot.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake("deepep::_quantize_int8", lib=lib)
+def _quantize_int8(x, eps):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.register_fake("deepep::_quantize_fp8", lib=lib)
+def _quantize_fp8(x, round_scale, use_ue8m0):
+    n, hidden = x.shape
+    scales = (x.new_empty((n, hidden // 512), dtype=torch.int32) if use_ue8m0
+              else x.new_empty((n, hidden // 128), dtype=torch.float32))
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), scales
