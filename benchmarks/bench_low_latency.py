@@ -26,7 +26,7 @@ FORMAT_KWARGS = {"bf16": dict(use_fp8=False), "fp8": dict(use_fp8=True), "int8":
 
 def _bench(rank: int, world: int, args) -> list[dict]:
     from deep_ep_ops import Buffer
-    from deep_ep_ops._shapes import chunk_caps
+    from deep_ep_ops.layout import chunk_caps
 
     group = dist.group.WORLD
     buf = Buffer(group, low_latency_mode=True, timeout_s=600)

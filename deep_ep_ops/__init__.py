@@ -11,10 +11,9 @@ environment variables, and ``_registry`` holds the only module-level state.
 """
 
 from . import _schemas  # noqa: F401  (defines torch.ops.deepep.*)
-from . import compute  # noqa: E402,F401  (pure-torch kernels of the private compute ops)
-from . import _native  # noqa: E402
+from . import compute  # noqa: E402  (pure-torch kernels of the private compute ops)
 
-_native.load()  # the C++ kernels of csrc/, when built
+compute.load_native()  # the C++ kernels of csrc/, when built
 
 import meta_kernels  # noqa: E402,F401  (fake kernels)
 

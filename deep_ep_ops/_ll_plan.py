@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from ._shapes import chunk_caps
+from .layout import chunk_caps
 
 
 @dataclasses.dataclass

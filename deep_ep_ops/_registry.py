@@ -11,12 +11,13 @@ built from the environment (``DEEP_USE_MODE``, ``DEEP_EP_OPS_RANKS_PER_NODE``, `
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from . import _native, compute, config, topology, transports
+from . import compute, config, topology, transports
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,11 +59,11 @@ _GROUPS: dict[str, GroupContext] = {}
 
 
 def _kernels(choice: str) -> compute.Kernels:
-    if choice == "python" or (choice == "auto" and not _native.loaded()):
+    if choice == "python" or (choice == "auto" and not compute.native_loaded()):
         return compute.PYTHON
-    if not _native.loaded():
+    if not compute.native_loaded():
         raise ValueError(f"deepep: expected the C++ kernels of csrc/ to be built for kernels='native', got none "
-                         f"({_native.why_not()})")
+                         f"({compute.why_not_native()})")
     return compute.NATIVE
 
 
@@ -122,6 +123,21 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
         ctx = _GROUPS[name] = _new_context(group, transport, timeout_s, num_ranks_per_node, kernels)
     ctx.refs += 1
     return ctx
+
+
+def impl(lib, name: str, kernel) -> None:
+    """Registers ``kernel`` as ``deepep::<name>`` behind the whole-op level of the group's backend: a
+    backend whose :meth:`~deep_ep_ops.transports.Transport.override` returns a callable for the op runs
+    that instead (a vendor op), with the same arguments."""
+    op = name.split(".")[0]
+    signature = inspect.signature(kernel)
+
+    def run(*args, **kwargs):
+        group_name = signature.bind(*args, **kwargs).arguments["group_name"]
+        vendor = get(group_name).transport.override(op)
+        return (kernel if vendor is None else vendor)(*args, **kwargs)
+
+    lib.impl(name, run, "CompositeExplicitAutograd")
 
 
 def release(group_name: str) -> None:

@@ -7,10 +7,13 @@ The pure-torch path stays the fallback and the oracle: the package works without
 tests run both paths against the reference (bitwise, since no kernel here rounds differently).
 
 A group's context holds one of the two (``DEEP_EP_OPS_KERNELS``, ``Buffer(kernels=)``), so the ops
-never branch on it.
+never branch on it. The C++ build is the extension module ``deep_ep_ops._C``; importing it runs its
+registrations, and the dispatcher itself says whether they are loaded (:func:`native_loaded`).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -126,6 +129,34 @@ class NativeKernels(Kernels):
 
 PYTHON = Kernels()
 NATIVE = NativeKernels()
+
+
+#: A private op every build of csrc/ implements; its CPU kernel tells whether the build is loaded.
+_PROBE = "deepep::_gather_rows"
+
+
+def load_native() -> None:
+    """Imports the C++ kernels if they were built (called once by ``deep_ep_ops/__init__.py``)."""
+    try:
+        importlib.import_module("deep_ep_ops._C")
+    except ImportError:
+        pass
+
+
+def native_loaded() -> bool:
+    """Whether the C++ kernels are registered in this process."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(_PROBE, "CPU")
+
+
+def why_not_native() -> str:
+    """Why :func:`native_loaded` is False (empty when it is True)."""
+    if native_loaded():
+        return ""
+    try:
+        importlib.import_module("deep_ep_ops._C")
+    except ImportError as exc:
+        return f"deep_ep_ops._C did not import: {exc}"
+    return "deep_ep_ops._C imported but registered no CPU kernels"
 
 
 def _register() -> None:

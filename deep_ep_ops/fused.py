@@ -19,16 +19,7 @@ from meta_kernels import checks
 from . import _handshake, _registry, ffn, low_latency
 from ._schemas import lib
 
-class FusedSettings(NamedTuple):
-    num_max_dispatch_tokens_per_rank: int
-    num_experts: int
-    hidden: int
-    num_topk: int
-    num_shared_expert_ranks: int
-    wire_format: int
-    x_dtype: int
-    intermediate_2i: int
-    quant_mode: int
+FusedSettings = NamedTuple("FusedSettings", [*low_latency.SETTINGS_HEAD, ("intermediate_2i", int), ("quant_mode", int)])
 
 
 class FuseMode(enum.IntEnum):
@@ -76,4 +67,4 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
     return out, ep_recv_count, _handshake.next_comm_seq(comm_seq, x)
 
 
-lib.impl("fused_deep_moe", fused_deep_moe, "CompositeExplicitAutograd")
+_registry.impl(lib, "fused_deep_moe", fused_deep_moe)

@@ -1,4 +1,7 @@
-"""Routing arithmetic shared by every op: which rank owns an expert, and the dispatch layout.
+"""Routing arithmetic and output shapes shared by every op (a leaf module: it imports only torch).
+
+Which rank owns an expert, the dispatch layout, the low-latency chunk capacities, and the output shapes
+that the fake kernels of ``meta_kernels`` and the real kernels share, so that they can never disagree.
 
 Vocabulary: ``R`` ranks, ``E`` routed experts, ``L = E // R`` local experts; expert ``e`` lives on rank
 ``e // L`` with local id ``e % L``. With ``S`` shared-expert ranks (``MOE_SHARED_EXPERT_RANK_NUM``, low-latency
@@ -73,3 +76,47 @@ def expert_counts_output(counts: torch.Tensor, expert_token_nums_type: int) -> t
     if expert_token_nums_type == 0:
         return counts.cumsum(0).to(counts.dtype)
     return counts
+
+
+#: Low-latency wire formats, in their handshake code order.
+WIRE_FORMATS = ("bf16", "fp8", "int8")
+
+
+def wire_format(use_fp8: bool, quant_mode: str) -> str:
+    """The low-latency wire format: ``int8`` (``quant_mode="int8"``), else ``fp8`` or ``bf16``."""
+    return "int8" if quant_mode == "int8" else ("fp8" if use_fp8 else "bf16")
+
+
+def chunk_caps(num_ranks: int, m: int, num_topk: int, num_experts: int, num_shared: int) -> list[int]:
+    """Low-latency rows one source can send each rank: ``M`` to a shared-expert rank, ``M * min(K, L)`` else."""
+    num_local_experts = num_experts // (num_ranks - num_shared)
+    return [m if d < num_shared else m * min(num_topk, num_local_experts) for d in range(num_ranks)]
+
+
+def low_latency_dispatch_outputs(x: torch.Tensor, num_local_experts: int, num_ranks: int, m: int, fmt_name: str,
+                                 use_ue8m0: bool) -> tuple[torch.Tensor, ...]:
+    """``(packed_recv_x [L, R*M, H], packed_recv_x_scales, packed_recv_count [L], src_info [L, R*M],
+    layout_range [L, R])``, uninitialized."""
+    rows, hidden = num_ranks * m, x.shape[1]
+    data_dtype = {"bf16": x.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[fmt_name]
+    if fmt_name == "fp8":
+        scales = x.new_empty((num_local_experts, rows, hidden // (512 if use_ue8m0 else 128)),
+                             dtype=torch.int32 if use_ue8m0 else torch.float32)
+    elif fmt_name == "int8":
+        scales = x.new_empty((num_local_experts, rows), dtype=torch.float32)
+    else:
+        scales = x.new_empty((num_local_experts, rows, 0), dtype=torch.float32)
+    return (x.new_empty((num_local_experts, rows, hidden), dtype=data_dtype), scales,
+            x.new_empty((num_local_experts,), dtype=torch.int32),
+            x.new_empty((num_local_experts, rows), dtype=torch.int32),
+            x.new_empty((num_local_experts, num_ranks), dtype=torch.int64))
+
+
+def normal_recv_payload(x: torch.Tensor, x_scales: torch.Tensor | None, quant_mode: str,
+                        num_recv) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(recv_x, recv_x_scales)`` of a normal dispatch receiving ``num_recv`` rows, uninitialized."""
+    if quant_mode == "int8":
+        return x.new_empty((num_recv, x.shape[1]), dtype=torch.int8), x.new_empty((num_recv,), dtype=torch.float32)
+    scales = (x.new_empty((num_recv, x_scales.shape[1]), dtype=x_scales.dtype) if x_scales is not None
+              else x.new_empty((num_recv, 0), dtype=torch.float32))
+    return x.new_empty((num_recv, x.shape[1])), scales

@@ -23,20 +23,13 @@ from meta_kernels import checks
 from . import _handshake, _registry, _waits, layout
 from ._ll_plan import Plan, combine_send_rows, packed_positions, send_plan, send_source, sort_received
 from ._schemas import lib
-from ._shapes import WIRE_FORMATS, chunk_caps, low_latency_dispatch_outputs, wire_format
 from ._wire import RowFormat, dtype_code
 
 
-class LowLatencySettings(NamedTuple):
-    num_max_dispatch_tokens_per_rank: int
-    num_experts: int
-    hidden: int
-    num_topk: int
-    num_shared_expert_ranks: int
-    wire_format: int
-    x_dtype: int
-    round_scale: int
-    use_ue8m0: int
+#: The settings every rank must agree on in a low-latency dispatch (and in fused_deep_moe, which adds its own).
+SETTINGS_HEAD = [("num_max_dispatch_tokens_per_rank", int), ("num_experts", int), ("hidden", int), ("num_topk", int),
+                 ("num_shared_expert_ranks", int), ("wire_format", int), ("x_dtype", int)]
+LowLatencySettings = NamedTuple("LowLatencySettings", [*SETTINGS_HEAD, ("round_scale", int), ("use_ue8m0", int)])
 
 
 def _agree(ctx, op: str, seq: int, settings: tuple, topk_idx: torch.Tensor, num_experts: int, device) -> None:
@@ -82,12 +75,13 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_
                   settings_type: type = LowLatencySettings, settings_tail: tuple = ()) -> DispatchState:
     """Checks and local work (quantization, send plan, send buffer), handshake, and the start of the exchange.
 
-    ``op``, ``check`` (extra checks), ``settings_type`` and ``settings_tail`` (its fields after the first
-    seven, default ``(round_scale, use_ue8m0)``) let ``fused_deep_moe`` reuse it under its own name.
+    ``op``, ``check`` (extra checks), ``settings_type`` and ``settings_tail`` (its fields after
+    :data:`SETTINGS_HEAD`, default ``(round_scale, use_ue8m0)``) let ``fused_deep_moe`` reuse it under its
+    own name.
     """
     ctx = _registry.get(group_name)
     seq = ctx.next_seq(op, x.shape[0])
-    fmt_name = wire_format(use_fp8, quant_mode)
+    fmt_name = layout.wire_format(use_fp8, quant_mode)
 
     def prepare():
         checks.check_group(op, group_name, num_ranks=(num_ranks, ctx.num_ranks), rank=(rank, ctx.rank))
@@ -118,8 +112,8 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_
 
     fmt, plan, send = _handshake.run_checks(ctx, op, seq, settings_type, x.device, prepare)
     tail = settings_tail or (int(round_scale), int(use_ue8m0))
-    settings = settings_type(m, num_experts, x.shape[1], topk_idx.shape[1], num_shared, WIRE_FORMATS.index(fmt_name),
-                             dtype_code(x.dtype), *tail)
+    settings = settings_type(m, num_experts, x.shape[1], topk_idx.shape[1], num_shared,
+                             layout.WIRE_FORMATS.index(fmt_name), dtype_code(x.dtype), *tail)
     _agree(ctx, op, seq, settings, topk_idx, num_experts, x.device)
     num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
@@ -163,8 +157,8 @@ def dispatch_recv(ctx, state: DispatchState, outputs) -> None:
 
 
 def _outputs(x, state: DispatchState, num_ranks: int, m: int, use_fp8: bool, quant_mode: str, use_ue8m0: bool):
-    return low_latency_dispatch_outputs(x, state.num_local_experts, num_ranks, m, wire_format(use_fp8, quant_mode),
-                                        use_ue8m0)
+    fmt_name = layout.wire_format(use_fp8, quant_mode)
+    return layout.low_latency_dispatch_outputs(x, state.num_local_experts, num_ranks, m, fmt_name, use_ue8m0)
 
 
 def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
@@ -197,7 +191,7 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
         checks.check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
                                          num_ranks, rank, num_shared)
         num_local_experts, rows, hidden = x.shape
-        cap = chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
+        cap = layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
         positions = combine_send_rows(layout_range, cap, rows)
         send = ctx.kernels.gather_rows(x.reshape(num_local_experts * rows, hidden), positions.flatten())
         return cap, send, send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
@@ -291,4 +285,4 @@ for _name, _kernel in (("low_latency_dispatch", low_latency_dispatch),
                        ("low_latency_combine", low_latency_combine),
                        ("low_latency_combine_send", low_latency_combine_send),
                        ("low_latency_combine_recv", low_latency_combine_recv)):
-    lib.impl(_name, _kernel, "CompositeExplicitAutograd")
+    _registry.impl(lib, _name, _kernel)

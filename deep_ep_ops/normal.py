@@ -322,7 +322,7 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_w, _gseq):
 
 for _name, _kernel in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),
                        ("dispatch.cached", cached_dispatch), ("combine", combine)):
-    lib.impl(_name, _kernel, "CompositeExplicitAutograd")
+    _registry.impl(lib, _name, _kernel)
 torch.library.register_autograd("deepep::dispatch", _backward_dispatch, setup_context=_setup_dispatch, lib=lib)
 torch.library.register_autograd("deepep::dispatch.cached", _backward_cached, setup_context=_setup_cached, lib=lib)
 torch.library.register_autograd("deepep::combine", _backward_combine, setup_context=_setup_combine, lib=lib)

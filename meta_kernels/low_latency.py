@@ -6,7 +6,6 @@ import torch
 
 from deep_ep_ops import layout
 from deep_ep_ops._schemas import lib
-from deep_ep_ops._shapes import low_latency_dispatch_outputs, wire_format
 
 from . import checks
 
@@ -16,7 +15,8 @@ def _dispatch_outputs(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8, rou
     checks.check_low_latency_dispatch(x, topk_idx, m, num_experts, num_ranks, use_fp8, round_scale, use_ue8m0,
                                       quant_mode, num_shared, expert_token_nums_type)
     num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
-    return low_latency_dispatch_outputs(x, num_local_experts, num_ranks, m, wire_format(use_fp8, quant_mode), use_ue8m0)
+    fmt_name = layout.wire_format(use_fp8, quant_mode)
+    return layout.low_latency_dispatch_outputs(x, num_local_experts, num_ranks, m, fmt_name, use_ue8m0)
 
 
 def _seq(x):

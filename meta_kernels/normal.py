@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from deep_ep_ops import layout
 from deep_ep_ops._schemas import lib
-from deep_ep_ops._shapes import normal_recv_payload
 
 from . import checks
 
@@ -35,7 +35,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
                           num_experts, r, expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type)
     n = num_worst_tokens if num_worst_tokens > 0 else torch.library.get_ctx().new_dynamic_size()
-    recv_x, recv_x_scales = normal_recv_payload(x, x_scales, quant_mode, n)
+    recv_x, recv_x_scales = layout.normal_recv_payload(x, x_scales, quant_mode, n)
     k = topk_idx.shape[1] if topk_idx is not None else 0
     kw = topk_weights.shape[1] if topk_weights is not None else 0
     i32 = torch.int32
@@ -49,7 +49,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
 def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, comm_seq=None):
     checks.check_cached_dispatch(x, x_scales, topk_weights, handle, num_ranks)
     n = handle[3].shape[0]
-    recv_x, recv_x_scales = normal_recv_payload(x, x_scales, "none", n)
+    recv_x, recv_x_scales = layout.normal_recv_payload(x, x_scales, "none", n)
     kw = topk_weights.shape[1] if topk_weights is not None else 0
     return recv_x, recv_x_scales, x.new_empty((n, kw), dtype=torch.float32), _seq(x)
 

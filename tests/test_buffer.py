@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 import deep_ep_ops
-from deep_ep_ops import Buffer, Config, EventOverlap, config
+from deep_ep_ops import Buffer, Config, EventOverlap, config, low_latency
+from deep_ep_ops.transports.all_to_all import AllToAllTransport
 from meta_kernels import checks
 
 
@@ -207,3 +208,33 @@ def test_errors_in_compiled_mode(buf):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"deepep::dispatch: expected topk_idx of dtype torch.int64, got torch.int32"):
         torch.compile(step, fullgraph=True, backend="eager")(torch.randn(2, 8), idx.int())
+
+
+class RecordingTransport(AllToAllTransport):
+    """A backend with a whole-op override (the level an Ascend backend uses for its vendor ops): it runs
+    low-latency dispatch itself, here by recording the call and running the shared kernel."""
+
+    name = "recording"
+    calls: list = []
+
+    def override(self, op):
+        if op != "low_latency_dispatch":
+            return None
+        return lambda *args, **kwargs: self.calls.append(op) or low_latency.low_latency_dispatch(*args, **kwargs)
+
+
+def test_whole_op_override(group1, monkeypatch):
+    from deep_ep_ops import transports
+
+    monkeypatch.setitem(transports.BACKENDS, "recording", transports.Entry("test_buffer:RecordingTransport"))
+    b = Buffer(dist.group.WORLD, low_latency_mode=True, transport="recording")
+    try:
+        assert b.transport == "recording"
+        x, idx = torch.randn(2, 128).bfloat16(), torch.tensor([[0, 1], [1, -1]])
+        recv_x, count, handle, _, _ = b.low_latency_dispatch(x, idx, 4, 8, use_fp8=False)
+        assert RecordingTransport.calls == ["low_latency_dispatch"] and count.tolist()[:2] == [1, 2]
+        combined, _, _ = b.low_latency_combine(recv_x, idx, torch.ones(2, 2), handle)
+        assert RecordingTransport.calls == ["low_latency_dispatch"]  # combine is not overridden
+        assert torch.equal(combined, x * torch.tensor([[2.0], [1.0]]).bfloat16())
+    finally:
+        b.destroy()
