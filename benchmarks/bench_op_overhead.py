@@ -24,7 +24,7 @@ from benchmarks._harness import base_parser, print_table, progress, run_ranks, s
 
 
 def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: int) -> list[dict]:
-    from deep_ep_ops import _handshake, _registry, _waits, normal
+    from deep_ep_ops import _handshake, _registry, _waits, normal, ops
 
     group = dist.group.WORLD
     g = group.group_name
@@ -35,12 +35,11 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
     w = torch.rand(tokens, 2, generator=gen)
     x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float32).bfloat16()
     xg = x.float().requires_grad_()
-    _, _, per_expert, in_rank = torch.ops.deepep.get_dispatch_layout(idx, num_experts, g, world, world)
-    out = torch.ops.deepep.dispatch(x, None, idx, w, in_rank, per_expert, num_experts, g, world)
-    handle = [out[5], out[6], out[7], out[8], in_rank, out[9]]
-    recv_x = out[0]
+    _, _, per_expert, in_rank = ops.get_dispatch_layout(idx, num_experts, g)
+    out = ops.dispatch(x, in_rank, num_experts, g, topk_idx=idx, topk_weights=w, num_tokens_per_expert=per_expert)
+    handle, recv_x = list(out.handle), out.recv_x
     send_counts = in_rank.sum(0)
-    recv_counts = torch.diff(out[5][:, rank].long(), prepend=torch.zeros(1, dtype=torch.int64))
+    recv_counts = torch.diff(handle[0][:, rank].long(), prepend=torch.zeros(1, dtype=torch.int64))
     row_bytes = hidden * 2 + 16 * 2 + 8  # x, topk ids, weights, source index (8-byte aligned fields)
 
     def transport(send_n, recv_n):
@@ -48,7 +47,7 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
         return lambda: _waits.wait(ctx, ctx.transport.all_to_all(rows, send_n.tolist(), recv_n.tolist()), "bench", 0)
 
     def handshake():
-        rows = _handshake.header(ctx, "dispatch", 0, [0] * _handshake.NUM_CFG)
+        rows = _handshake.header(ctx, "dispatch", 0, normal.DispatchSettings(*[0] * 9))
         _handshake.exchange(ctx, "dispatch", 0, rows)
 
     args_dispatch = (x, None, idx, w, in_rank, per_expert, num_experts, g, world)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from . import compute, config, topology, transports
+from ._outputs import OutputPool
 
 
 @dataclasses.dataclass(eq=False)
@@ -30,8 +31,12 @@ class GroupContext:
     num_ranks: int
     timeout_s: float
     kernels: compute.Kernels
-    transport: transports.Transport
+    transport: transports.Transport | None = None
     topology: topology.Topology | None = None
+    outputs: OutputPool = dataclasses.field(default_factory=OutputPool)
+    #: Buffer sizes the backend may size its buffers from (0: its own default).
+    num_nvl_bytes: int = 0
+    num_rdma_bytes: int = 0
     seq: int = 0
     refs: int = 0
     pending: dict[int, Any] = dataclasses.field(default_factory=dict)
@@ -68,22 +73,23 @@ def _kernels(choice: str) -> compute.Kernels:
 
 
 def _new_context(group: dist.ProcessGroup, transport: str | None, timeout_s: float | None,
-                 num_ranks_per_node: int | None, kernels: str | None) -> GroupContext:
+                 num_ranks_per_node: int | None, kernels: str | None, num_nvl_bytes: int = 0,
+                 num_rdma_bytes: int = 0) -> GroupContext:
     env = config.read_env()
     if kernels is not None and kernels not in config.KERNELS:
         raise ValueError(f"deepep: expected kernels in {list(config.KERNELS)}, got {kernels!r}")
     chosen = _kernels(kernels or env.kernels)
     ctx = GroupContext(group=group, group_name=group.group_name, rank=group.rank(), num_ranks=group.size(),
                        timeout_s=env.timeout_s if timeout_s is None else float(timeout_s), kernels=chosen,
-                       transport=transports.create("all_to_all", group, None, chosen))
-    # The host exchange runs over the portable backend; the chosen backend may depend on its result.
+                       num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes)
+    # The host exchange runs over the portable backend; the chosen backend may depend on its result, and
+    # builds itself with the portable one still in ctx.transport.
+    ctx.transport = transports.create("all_to_all", ctx)
     per_node = num_ranks_per_node if num_ranks_per_node is not None else env.num_ranks_per_node
     ctx.topology = topology.build(ctx.rank, topology.exchange_identities(ctx), per_node)
-    name = transports.resolve(transport if transport is not None else env.use_mode, ctx.topology)
+    name = transports.resolve(transport if transport is not None else env.use_mode, ctx.topology, group)
     if name != ctx.transport.name:
-        ctx.transport = transports.create(name, group, ctx.topology, chosen)
-    else:
-        ctx.transport.topology = ctx.topology
+        ctx.transport = transports.create(name, ctx)
     return ctx
 
 
@@ -102,7 +108,8 @@ def get(group_name: str) -> GroupContext:
 
 
 def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: float | None = None,
-             num_ranks_per_node: int | None = None, kernels: str | None = None) -> GroupContext:
+             num_ranks_per_node: int | None = None, kernels: str | None = None, num_nvl_bytes: int = 0,
+             num_rdma_bytes: int = 0) -> GroupContext:
     """Registers (or re-uses) the context of ``group``; one reference per call, see :func:`release`.
 
     Raises:
@@ -112,7 +119,7 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
     ctx = _GROUPS.get(name)
     if ctx is not None and ctx.refs > 0:
         wanted = transport if transport is not None else config.read_env().use_mode
-        if wanted is not None and transports.resolve(wanted, ctx.topology) != ctx.transport.name:
+        if wanted is not None and transports.resolve(wanted, ctx.topology, group) != ctx.transport.name:
             raise ValueError(
                 f"deepep: expected one transport per process group, got {wanted!r} for group {name!r} "
                 f"which another Buffer uses with {ctx.transport.name!r}"
@@ -120,7 +127,8 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
     else:
         if ctx is not None:
             ctx.transport.close()
-        ctx = _GROUPS[name] = _new_context(group, transport, timeout_s, num_ranks_per_node, kernels)
+        ctx = _GROUPS[name] = _new_context(group, transport, timeout_s, num_ranks_per_node, kernels, num_nvl_bytes,
+                                           num_rdma_bytes)
     ctx.refs += 1
     return ctx
 

@@ -2,7 +2,7 @@
 
 Recipe for a new op: define it here, add its fake kernel in ``meta_kernels/``, its kernel (and autograd
 where it has one) in the matching ``deep_ep_ops`` module, a reference in ``reference.py`` and a case in
-``tests/test_opcheck.py``; the schema snapshot test makes every schema change deliberate.
+``tests/opcheck_samples.py``; the schema snapshot test makes every schema change deliberate.
 
 Conventions shared by all ops:
 
@@ -109,3 +109,17 @@ lib.define("_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? b
 lib.define("_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor")
 lib.define("_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)")
 lib.define("_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)")
+
+# The shared-memory copy loops of the shm backend (protocol: deep_ep_ops/transports/_shm_engine.py). Each
+# returns 1 once this rank's part of the exchange is complete, 0 when budget_s ran out first.
+lib.define("_shm_ring_copy(Tensor(a!)[] segments, int[] geometry, Tensor(b!) mirror, Tensor(c!) cursor, Tensor src, "
+           "Tensor? index, int[] send_counts, Tensor(d!) out, int[] recv_counts, int rank, float budget_s) -> int")
+lib.define("_shm_ring_combine(Tensor(a!)[] segments, int[] geometry, Tensor(b!) mirror, Tensor(c!) cursor, "
+           "Tensor rows, int[] send_counts, int[] recv_counts, Tensor token_in_rank, Tensor? bias_0, Tensor? bias_1, "
+           "Tensor(d!) out, int rank, float budget_s) -> int")
+lib.define("_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
+           "Tensor? patch, int patch_offset, int[] send_caps, int[] counts, int rank, Tensor(b!) sent, "
+           "float budget_s) -> int")
+lib.define("_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
+           "Tensor? patch, int patch_offset, int[] send_caps, int[] counts, Tensor(b!) out, Tensor(c!) recv_counts, "
+           "int[] recv_caps, int rank, float budget_s) -> int")

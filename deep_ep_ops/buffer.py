@@ -70,7 +70,8 @@ class Buffer(LowLatencyMethods):
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self._env = config.read_env()
-        self._ctx = _registry.register(group, next(iter(names), None), timeout_s, num_ranks_per_node, kernels)
+        self._ctx = _registry.register(group, next(iter(names), None), timeout_s, num_ranks_per_node, kernels,
+                                       num_nvl_bytes, num_rdma_bytes)
         self._destroyed = False
         # Threaded through every op so that communication order is data (see deep_ep_ops._schemas).
         self._comm_seq = torch.zeros(1, dtype=torch.int64, device=self._ctx.transport.device)

@@ -101,6 +101,50 @@ class Kernels:
         """Per-128-channel FP8, see :func:`deep_ep_ops.quant.per_block_fp8`."""
         return quant.per_block_fp8(x, round_scale, use_ue8m0)
 
+    # The shared-memory copy loops (protocol and arguments: deep_ep_ops.transports._shm_engine).
+
+    def ring_copy(self, segments, geometry, mirror, cursor, src, index, send_counts, out, recv_counts, rank, budget_s):
+        """One exchange through the rings; 1 when this rank's part is complete (see ``_shm_engine.ring_copy``)."""
+        from .transports import _shm_engine
+
+        return _shm_engine.ring_copy(segments, geometry, mirror, cursor, src, index, send_counts, out, recv_counts,
+                                     rank, budget_s)
+
+    def ring_combine(self, segments, geometry, mirror, cursor, rows, send_counts, recv_counts, token_in_rank, bias_0,
+                     bias_1, out, rank, budget_s, scratch: dict):
+        """:meth:`combine_reduce` through the rings: ``rows`` (block ``d`` goes to rank ``d``) come back to their
+        tokens' ranks and are summed, in rank order, into ``out [N, W]``. This version receives every row into
+        a staging buffer, then reduces; the C++ one reduces each token as soon as its rows are in."""
+        from .transports import _shm_engine
+
+        src = rows.view(torch.uint8).reshape(rows.shape[0], rows.shape[1] * rows.element_size())
+        if "staging" not in scratch:
+            scratch["staging"] = torch.empty(sum(recv_counts), src.shape[1], dtype=torch.uint8)
+        staging = scratch["staging"]
+        if not _shm_engine.ring_copy(segments, geometry, mirror, cursor, src, None, send_counts, staging, recv_counts,
+                                     rank, budget_s):
+            return 0
+        token = destination_major_tokens(token_in_rank)
+        out.copy_(self.combine_reduce(staging.view(rows.dtype).view(-1, rows.shape[1]), token, out.shape[0], bias_0,
+                                      bias_1, out.dtype))
+        return 1
+
+    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, rank, sent,
+                   budget_s):
+        """Writes the real rows of a slot exchange into the peers' slots (see ``_shm_engine.slots_send``)."""
+        from .transports import _shm_engine
+
+        return _shm_engine.slots_send(segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts,
+                                      rank, sent, budget_s)
+
+    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, out,
+                   recv_counts, recv_caps, rank, budget_s):
+        """Reads a slot exchange out of this rank's slots (see ``_shm_engine.slots_recv``)."""
+        from .transports import _shm_engine
+
+        return _shm_engine.slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts,
+                                      out, recv_counts, recv_caps, rank, budget_s)
+
 
 class NativeKernels(Kernels):
     """The same kernels through the dispatcher: the C++ CPU kernels of ``csrc/`` where they are built."""
@@ -125,6 +169,25 @@ class NativeKernels(Kernels):
 
     def quantize_fp8(self, x, round_scale, use_ue8m0):
         return tuple(torch.ops.deepep._quantize_fp8(x, round_scale, use_ue8m0))
+
+    def ring_copy(self, segments, geometry, mirror, cursor, src, index, send_counts, out, recv_counts, rank, budget_s):
+        return torch.ops.deepep._shm_ring_copy(segments, geometry, mirror, cursor, src, index, send_counts, out,
+                                               recv_counts, rank, budget_s)
+
+    def ring_combine(self, segments, geometry, mirror, cursor, rows, send_counts, recv_counts, token_in_rank, bias_0,
+                     bias_1, out, rank, budget_s, scratch):
+        return torch.ops.deepep._shm_ring_combine(segments, geometry, mirror, cursor, rows, send_counts, recv_counts,
+                                                  token_in_rank, bias_0, bias_1, out, rank, budget_s)
+
+    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, rank, sent,
+                   budget_s):
+        return torch.ops.deepep._shm_slots_send(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
+                                                counts, rank, sent, budget_s)
+
+    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, out,
+                   recv_counts, recv_caps, rank, budget_s):
+        return torch.ops.deepep._shm_slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
+                                                counts, out, recv_counts, recv_caps, rank, budget_s)
 
 
 PYTHON = Kernels()

@@ -60,10 +60,11 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
             ctx.kernels.scatter_rows(y, rows, y_i)
     # Combine half: the outputs are already in the order the sources expect them back, as many rows to
     # each source as it sent.
-    pending = ctx.transport.exchange_slots(y, [state.cap] * num_ranks, sorted_rows.counts.sum(0),
-                                           state.plan.caps)
+    pending = ctx.transport.exchange_slots(y.view(torch.uint8), None, [state.cap] * num_ranks,
+                                           sorted_rows.counts.sum(0), state.plan.caps)
     out = torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
-    low_latency.combine_recv(ctx, low_latency.CombineState(pending, state.plan, topk_weights, state.seq), out)
+    low_latency.combine_recv(ctx, low_latency.CombineState(pending, state.plan, topk_weights, torch.bfloat16,
+                                                           state.seq), out)
     return out, ep_recv_count, _handshake.next_comm_seq(comm_seq, x)
 
 

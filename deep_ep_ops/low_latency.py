@@ -23,7 +23,7 @@ from meta_kernels import checks
 from . import _handshake, _registry, _waits, layout
 from ._ll_plan import Plan, combine_send_rows, packed_positions, send_plan, send_source, sort_received
 from ._schemas import lib
-from ._wire import RowFormat, dtype_code
+from ._wire import RowFormat, dense, dtype_code
 
 
 #: The settings every rank must agree on in a low-latency dispatch (and in fused_deep_moe, which adds its own).
@@ -106,18 +106,17 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_
         token_rows = torch.zeros(n + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
         fmt.pack(n, x.device, out=token_rows[:n], x=data, **({"scales": scales} if scales is not None else {}))
         source, meta = send_source(plan, n)
-        send = ctx.kernels.gather_rows(token_rows, source)
-        fmt.field_bytes(send, "meta").copy_(meta.view(torch.uint8))
-        return fmt, plan, send
+        return fmt, plan, token_rows, source, meta.view(torch.uint8)
 
-    fmt, plan, send = _handshake.run_checks(ctx, op, seq, settings_type, x.device, prepare)
+    fmt, plan, token_rows, source, meta = _handshake.run_checks(ctx, op, seq, settings_type, x.device, prepare)
     tail = settings_tail or (int(round_scale), int(use_ue8m0))
     settings = settings_type(m, num_experts, x.shape[1], topk_idx.shape[1], num_shared,
                              layout.WIRE_FORMATS.index(fmt_name), dtype_code(x.dtype), *tail)
     _agree(ctx, op, seq, settings, topk_idx, num_experts, x.device)
     num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     cap = plan.caps[rank]
-    pending = ctx.transport.exchange_slots(send, plan.caps, plan.counts, [cap] * num_ranks)
+    pending = ctx.transport.exchange_slots(token_rows, source, plan.caps, plan.counts, [cap] * num_ranks, patch=meta,
+                                           patch_offset=fmt.fields["meta"][0])
     return DispatchState(pending, fmt, num_local_experts, cap, seq, expert_token_nums_type, plan)
 
 
@@ -176,6 +175,7 @@ class CombineState:
     pending: object
     plan: Plan
     topk_weights: torch.Tensor
+    dtype: torch.dtype
     seq: int
     received: tuple | None = None
 
@@ -192,24 +192,24 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
                                          num_ranks, rank, num_shared)
         num_local_experts, rows, hidden = x.shape
         cap = layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
-        positions = combine_send_rows(layout_range, cap, rows)
-        send = ctx.kernels.gather_rows(x.reshape(num_local_experts * rows, hidden), positions.flatten())
-        return cap, send, send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+        positions = combine_send_rows(layout_range, cap, rows).flatten()
+        send = dense(x).reshape(num_local_experts * rows, hidden).view(torch.uint8)
+        return cap, send, positions, send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
 
-    cap, send, plan = _handshake.run_checks(ctx, op, seq, LowLatencySettings, x.device, prepare)
+    cap, send, positions, plan = _handshake.run_checks(ctx, op, seq, LowLatencySettings, x.device, prepare)
     settings = LowLatencySettings(m, num_experts, x.shape[2], topk_idx.shape[1], num_shared, 0, dtype_code(x.dtype),
                                   0, 0)
     _agree(ctx, op, seq, settings, topk_idx, num_experts, x.device)
     # Each source gets back as many rows as it sent here, in the order it sent them.
     counts = (layout_range & 0xFFFFFFFF).sum(0)
-    pending = ctx.transport.exchange_slots(send, [cap] * num_ranks, counts, plan.caps)
-    return CombineState(pending, plan, topk_weights, seq)
+    pending = ctx.transport.exchange_slots(send, positions, [cap] * num_ranks, counts, plan.caps)
+    return CombineState(pending, plan, topk_weights, x.dtype, seq)
 
 
 def combine_recv(ctx, state: CombineState, out: torch.Tensor) -> None:
     """Waits for the expert outputs and writes the weighted sum into ``out`` ``[N, H]``."""
     recv, _ = received(ctx, state, "low_latency_combine")
-    out.copy_(ctx.kernels.weighted_reduce(recv, state.plan.slot, state.topk_weights))
+    out.copy_(ctx.kernels.weighted_reduce(recv.view(state.dtype), state.plan.slot, state.topk_weights))
 
 
 def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, num_max_dispatch_tokens_per_rank,

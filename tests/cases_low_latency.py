@@ -84,8 +84,10 @@ def dispatch_combine(rank: int, world: int, case: LLCase, opts: dict) -> list[in
     kw = wire_kwargs(case.fmt)
     nums_type = opts.get("token_nums_type", 1)
     with env(MOE_SHARED_EXPERT_RANK_NUM=str(case.shared), MOE_EXPERT_TOKEN_NUMS_TYPE=str(nums_type)):
+        # DeepEP's size hint assumes bf16 tokens; an fp32 x on the bf16 wire moves rows twice as wide.
+        hint = Buffer.get_low_latency_rdma_size_hint(case.m, case.hidden, world, case.num_experts)
         buf = Buffer(dist.group.WORLD, low_latency_mode=True, timeout_s=60,
-                     num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(case.m, case.hidden, world, case.num_experts))
+                     num_rdma_bytes=hint * getattr(torch, case.x_dtype).itemsize // 2)
     try:
         ref_kw = dict(use_fp8=kw.get("use_fp8", True), round_scale=kw.get("round_scale", False),
                       use_ue8m0=kw.get("use_ue8m0", False), quant_mode=kw.get("quant_mode", "none"),

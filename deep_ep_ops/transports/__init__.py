@@ -5,7 +5,8 @@
 | name | aliases | moves data with |
 |---|---|---|
 | ``all_to_all`` | ``alltoall`` | ``torch.distributed.all_to_all_single`` on any collective backend |
-| ``default`` | ``auto`` | the best backend available for the group (see :func:`resolve`) |
+| ``shm`` | ``shared_memory`` | POSIX shared memory between the ranks of one host (CPU) |
+| ``default`` | ``auto`` | the best backend available for the group: ``shm`` on one host, else ``all_to_all`` |
 | ``ops`` | | Ascend's ``torch_npu.npu_moe_distribute_*`` ops (needs torch_npu and an NPU; not in this build) |
 
 How to add a backend: write ``transports/<name>.py`` with a subclass of
@@ -31,16 +32,23 @@ class Entry:
 
     factory: str
     aliases: tuple[str, ...] = ()
-    #: Why the backend cannot serve a group here (``None`` when it can); gets the group's topology.
-    unavailable: Callable[[object], str | None] = lambda topology: None
+    #: Why the backend cannot serve a group here (``None`` when it can); gets its topology and the group.
+    unavailable: Callable[[object, object], str | None] = lambda topology, group: None
 
 
-def _needs_torch_npu(topology) -> str | None:
+def _needs_torch_npu(topology, group) -> str | None:
     return "it needs torch_npu and an Ascend NPU, which this build does not include"
+
+
+def _shm_unavailable(topology, group) -> str | None:
+    from .shm import unavailable
+
+    return unavailable(topology, group)
 
 
 BACKENDS: dict[str, Entry] = {
     "all_to_all": Entry("deep_ep_ops.transports.all_to_all:AllToAllTransport", aliases=("alltoall",)),
+    "shm": Entry("deep_ep_ops.transports.shm:ShmTransport", aliases=("shared_memory",), unavailable=_shm_unavailable),
     "ops": Entry("", unavailable=_needs_torch_npu),
 }
 AUTO = ("default", "auto")
@@ -66,28 +74,28 @@ def canonical(name: str, what: str = "a transport") -> str:
     raise ValueError(f"deepep: expected {what} in {names()}, got {name!r}")
 
 
-def resolve(name: str | None, topology) -> str:
+def resolve(name: str | None, topology, group) -> str:
     """The backend to build for a group: ``name`` (``None`` = automatic) checked against ``topology``.
 
-    Automatic choice: ``all_to_all`` today (the backends that need a topology register here).
+    Automatic choice: the first available backend of ``_PREFERENCE``.
 
     Raises:
         ValueError: unknown name, or a backend that cannot serve this group (the message says why).
     """
     key = canonical(name) if name is not None else "default"
     if key in AUTO:
-        return next(n for n in _PREFERENCE if BACKENDS[n].unavailable(topology) is None)
-    reason = BACKENDS[key].unavailable(topology)
+        return next(n for n in _PREFERENCE if BACKENDS[n].unavailable(topology, group) is None)
+    reason = BACKENDS[key].unavailable(topology, group)
     if reason is not None:
         raise ValueError(f"deepep: transport {name!r} cannot serve this group: {reason}")
     return key
 
 
 #: Automatic choice, best first; the first available one wins.
-_PREFERENCE = ("all_to_all",)
+_PREFERENCE = ("shm", "all_to_all")
 
 
-def create(name: str, group, topology, kernels) -> Transport:
-    """Builds the backend ``name`` (a :func:`resolve` result) for ``group``."""
+def create(name: str, ctx) -> Transport:
+    """Builds the backend ``name`` (a :func:`resolve` result) for the group of ``ctx``."""
     module, cls = BACKENDS[name].factory.split(":")
-    return getattr(importlib.import_module(module), cls)(group, topology, kernels)
+    return getattr(importlib.import_module(module), cls)(ctx)

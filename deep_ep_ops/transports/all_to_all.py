@@ -58,7 +58,8 @@ class AllToAllTransport(Transport):
         send = dense(send)
         if dtype not in _NATIVE_DTYPES:
             send = send.view(torch.uint8)
-        output = send.new_empty((sum(recv_splits), *send.shape[1:]))
+        shape = (sum(recv_splits), *send.shape[1:])
+        output = self.outputs.empty(shape, send.dtype) if send.device.type == "cpu" else send.new_empty(shape)
         if self.num_ranks == 1:
             output.copy_(send)
             return Done(output.view(dtype))

@@ -76,11 +76,12 @@ class Transport:
 
     name = "?"
 
-    def __init__(self, group: dist.ProcessGroup, topology, kernels: compute.Kernels):
-        self.group = group
-        self.topology = topology
-        self.kernels = kernels
-        self.num_ranks, self.rank = group.size(), group.rank()
+    def __init__(self, ctx):
+        """``ctx`` is the group's context (``deep_ep_ops._registry.GroupContext``): group, topology, kernels,
+        timeout, output pool, and (while this backend is being built) the portable backend in ``ctx.transport``."""
+        self.ctx = ctx
+        self.group, self.kernels, self.outputs = ctx.group, ctx.kernels, ctx.outputs
+        self.num_ranks, self.rank = ctx.num_ranks, ctx.rank
 
     @property
     def device(self) -> torch.device:
@@ -136,20 +137,31 @@ class Transport:
 
     # --- level 3: bounded slots ---------------------------------------------------------------------------
 
-    def exchange_slots(self, send: torch.Tensor, send_caps: list[int], counts: torch.Tensor,
-                       recv_caps: list[int]) -> Pending:
-        """Chunk ``r`` of ``send`` (``send_caps[r]`` rows) goes to rank ``r``; only its first ``counts[r]``
-        rows are real.
+    def exchange_slots(self, rows: torch.Tensor, index: torch.Tensor | None, send_caps: list[int],
+                       counts: torch.Tensor, recv_caps: list[int], patch: torch.Tensor | None = None,
+                       patch_offset: int = 0) -> Pending:
+        """Chunk ``r`` of the send buffer (``send_caps[r]`` rows) goes to rank ``r``; only its first
+        ``counts[r]`` rows are real.
+
+        The send buffer is described, not built: its row ``j`` is ``rows[index[j]]`` (``rows[j]`` without
+        ``index``), bytes ``[patch_offset, …)`` of it replaced by ``patch[j]`` when given. A one-sided backend
+        copies only the real rows, straight into the destination.
 
         Args:
-            send: ``[sum(send_caps), ...]``.
-            counts: int64 ``[R]`` on ``send``'s device (never read on the host, so graphs can capture it).
+            rows: ``[n, B]`` uint8.
+            index: int64 ``[sum(send_caps)]`` or ``None``.
+            counts: int64 ``[R]`` on ``rows``' device (never read on the host here, so graphs can capture it).
             recv_caps: the capacity of the chunk each rank sends here.
+            patch: uint8 ``[sum(send_caps), P]``.
 
         Returns:
-            A pending whose result is ``(recv [sum(recv_caps), ...], recv_counts int64 [R])``; rows of chunk
+            A pending whose result is ``(recv [sum(recv_caps), B], recv_counts int64 [R])``; rows of chunk
             ``s`` past ``recv_counts[s]`` are undefined.
         """
+        send = rows if index is None else self.kernels.gather_rows(rows, index)
+        if patch is not None:
+            send = send.clone() if index is None else send
+            send[:, patch_offset:patch_offset + patch.shape[1]] = patch
         ones = [1] * self.num_ranks
         rows = self.all_to_all(send, send_caps, recv_caps)
         sizes = self.all_to_all(counts.view(-1, 1).to(torch.int64), ones, ones)

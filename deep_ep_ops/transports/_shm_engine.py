@@ -1,0 +1,233 @@
+"""The shared-memory protocol, and its pure-torch implementation (the fallback and oracle of ``csrc/shm.cpp``).
+
+**Rings (normal mode).** Rank ``r``'s normal segment holds one ring per source ``s`` plus two counters per
+source, each on its own cache line: ``written[s]`` (bytes ``s`` has written into its ring here, ever) and
+``consumed[s]`` (bytes ``r`` has read out of it, ever). Both only grow, so a value is never ambiguous across
+back-to-back exchanges and no flag is ever reset. Every exchange is collective and in the same order on
+every rank, so each ring carries the exchanges' rows in order as one byte stream. A row never straddles
+the end of a ring: when one would, both sides skip to the start (the skipped bytes count in both counters).
+Senders write whole rows into the destination's ring as space allows, then publish ``written``; receivers
+copy (or reduce) whole rows out, then publish ``consumed``. A rank drives its sends and its receives in
+one loop, so no rank waits on a peer that waits on it.
+
+**Slots (low-latency).** Rank ``r``'s low-latency segment holds, per source and per half (exchange
+number parity), a bounded slot area and three words: ``stamp`` (the exchange number of the data there),
+``count`` (its real rows) and ``consumed`` (the last exchange number ``r`` read out of it). A sender waits
+until the half it needs was read two exchanges ago, writes only its real rows and their count, then
+publishes the stamp. Two exchanges may be in flight at once (DeepEP's double buffer), for the receive hooks.
+
+Counters are aligned 8-byte words: on x86 a plain store and load of one is atomic, and stores are seen in
+program order, so a reader that sees a counter also sees the rows written before it. The C++ engine uses
+release stores and acquire loads. Waits yield the core (4 ranks may share 2 cores): spin briefly, then
+``sched_yield``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+LINE = 64  # bytes per control line
+CTRL_WORDS_PER_SOURCE = 16  # two lines: [written | ... ] [consumed | ...]
+
+
+def ring_base(num_ranks: int) -> int:
+    """Byte offset of the first ring: the header line, then two lines per source, page aligned."""
+    return (LINE + num_ranks * 2 * LINE + 4095) // 4096 * 4096
+
+
+def ring_segment_bytes(num_ranks: int, ring_bytes: int) -> int:
+    return ring_base(num_ranks) + num_ranks * ring_bytes
+
+
+def _written(source: int) -> int:
+    return 8 + CTRL_WORDS_PER_SOURCE * source
+
+
+def _consumed(source: int) -> int:
+    return 8 + CTRL_WORDS_PER_SOURCE * source + 8
+
+
+def slot_base(num_ranks: int) -> int:
+    """Byte offset of the first slot: the header line, then two lines per (source, half), page aligned."""
+    return (LINE + num_ranks * 2 * 2 * LINE + 4095) // 4096 * 4096
+
+
+def slot_segment_bytes(num_ranks: int, slot_bytes: int) -> int:
+    return slot_base(num_ranks) + num_ranks * 2 * slot_bytes
+
+
+def _stamp(source: int, half: int) -> int:
+    return 8 + CTRL_WORDS_PER_SOURCE * (2 * source + half)
+
+
+def _yield(spins: int) -> int:
+    if spins > 64:
+        os.sched_yield()
+    return spins + 1
+
+
+def _run(position: int, consumed_or_written: int, row_bytes: int, ring_bytes: int, remaining: int, sending: bool):
+    """The next contiguous run of rows at stream ``position``: ``(position after a skip, rows)``.
+
+    A sender may write while ``position + rows * row_bytes - consumed <= ring_bytes``; a receiver may read
+    while ``position + rows * row_bytes <= written``.
+    """
+    offset = position % ring_bytes
+    if offset + row_bytes > ring_bytes:
+        position += ring_bytes - offset
+        offset = 0
+    limit = (consumed_or_written + ring_bytes - position) if sending else (consumed_or_written - position)
+    return position, max(0, min(remaining, (ring_bytes - offset) // row_bytes, limit // row_bytes))
+
+
+def ring_copy(segments: list[torch.Tensor], geometry: list[int], mirror: torch.Tensor, cursor: torch.Tensor,
+              src: torch.Tensor, index: torch.Tensor | None, send_counts: list[int], out: torch.Tensor,
+              recv_counts: list[int], rank: int, budget_s: float) -> int:
+    """Moves this rank's part of one exchange through the rings; returns 1 when it is complete.
+
+    Args:
+        segments: every rank's ring segment (uint8), this rank's own at ``rank``.
+        geometry: ``[ring_base, ring_bytes]``.
+        mirror: int64 ``[2R]``, persistent: bytes this rank has written into each peer's ring for it, and bytes
+            it has consumed from each of its own rings.
+        cursor: int64 ``[2R]``, zeros at the start of the exchange: rows sent to each rank, received from each.
+        src: uint8 ``[N, B]``; outgoing row ``j`` (destination-major, ``send_counts`` per rank) is
+            ``src[index[j]]`` (``src[j]`` without ``index``).
+        out: uint8 ``[sum(recv_counts), B]``: rows from rank ``s`` land at ``sum(recv_counts[:s])`` on.
+        budget_s: how long to try before returning 0.
+    """
+    base, ring_bytes = geometry
+    num_ranks, row_bytes = len(segments), src.shape[1]
+    send_off = [sum(send_counts[:d]) for d in range(num_ranks)]
+    recv_off = [sum(recv_counts[:s]) for s in range(num_ranks)]
+    mine = segments[rank][:base].view(torch.int64)
+    deadline, spins = time.monotonic() + budget_s, 0
+    while True:
+        moved = False
+        for d in range(num_ranks):
+            done = int(cursor[d])
+            if done >= send_counts[d]:
+                continue
+            rows = index[send_off[d] + done:send_off[d] + send_counts[d]] if index is not None else None
+            if d == rank:
+                n = send_counts[d]
+                chunk = src[rows] if rows is not None else src[send_off[d]:send_off[d] + n]
+                out[recv_off[d]:recv_off[d] + n] = chunk
+                cursor[d] = cursor[num_ranks + d] = n
+                moved = True
+                continue
+            peer = segments[d][:base].view(torch.int64)
+            position, n = _run(int(mirror[d]), int(peer[_consumed(rank)]), row_bytes, ring_bytes,
+                               send_counts[d] - done, sending=True)
+            if n:
+                offset = base + rank * ring_bytes + position % ring_bytes
+                chunk = src[rows[:n]] if rows is not None else src[send_off[d] + done:send_off[d] + done + n]
+                segments[d][offset:offset + n * row_bytes].view(n, row_bytes).copy_(chunk)
+                mirror[d] = position + n * row_bytes
+                peer[_written(rank)] = position + n * row_bytes
+                cursor[d] = done + n
+                moved = True
+        for s in range(num_ranks):
+            done = int(cursor[num_ranks + s])
+            if s == rank or done >= recv_counts[s]:
+                continue
+            position, n = _run(int(mirror[num_ranks + s]), int(mine[_written(s)]), row_bytes, ring_bytes,
+                               recv_counts[s] - done, sending=False)
+            if n:
+                offset = base + s * ring_bytes + position % ring_bytes
+                out[recv_off[s] + done:recv_off[s] + done + n] = segments[rank][offset:offset + n * row_bytes].view(
+                    n, row_bytes)
+                mirror[num_ranks + s] = position + n * row_bytes
+                mine[_consumed(s)] = position + n * row_bytes
+                cursor[num_ranks + s] = done + n
+                moved = True
+        if all(int(cursor[d]) >= send_counts[d] for d in range(num_ranks)) and \
+                all(int(cursor[num_ranks + s]) >= recv_counts[s] for s in range(num_ranks)):
+            return 1
+        if not moved:
+            if time.monotonic() >= deadline:
+                return 0
+            spins = _yield(spins)
+
+
+def slots_send(segments: list[torch.Tensor], geometry: list[int], seq: int, rows: torch.Tensor,
+               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, send_caps: list[int],
+               counts: list[int], rank: int, sent: torch.Tensor, budget_s: float) -> int:
+    """Writes this rank's real rows of slot exchange ``seq`` into every peer's slots; 1 when all are sent.
+
+    Outgoing chunk ``d`` holds ``send_caps[d]`` rows of which the first ``counts[d]`` are real; its row ``j``
+    is ``rows[index[o_d + j]]`` (``rows[o_d + j]`` without ``index``), with ``patch[o_d + j]`` written over its
+    bytes from ``patch_offset`` when given. ``sent`` (int64 ``[R]``) marks the peers done so far; the
+    chunk for this rank itself is left to :func:`slots_recv`.
+    """
+    base, slot_bytes = geometry
+    num_ranks = len(segments)
+    half = seq % 2
+    deadline, spins = time.monotonic() + budget_s, 0
+    while True:
+        for d in range(num_ranks):
+            if d == rank or int(sent[d]):
+                continue
+            ctrl = segments[d][:base].view(torch.int64)
+            word = _stamp(rank, half)
+            if int(ctrl[word + 8]) < seq - 2:  # the receiver has not read what this half held before
+                continue
+            o, n = sum(send_caps[:d]), counts[d]
+            chunk = _chunk_rows(rows, index, patch, patch_offset, o, n)
+            offset = base + (rank * 2 + half) * slot_bytes
+            segments[d][offset:offset + chunk.numel()].copy_(chunk.flatten())
+            ctrl[word + 1] = n
+            ctrl[word] = seq
+            sent[d] = 1
+        if all(int(sent[d]) or d == rank for d in range(num_ranks)):
+            return 1
+        if time.monotonic() >= deadline:
+            return 0
+        spins = _yield(spins)
+
+
+def _chunk_rows(rows, index, patch, patch_offset: int, first: int, n: int) -> torch.Tensor:
+    chunk = rows[index[first:first + n]] if index is not None else rows[first:first + n].clone()
+    if patch is not None:
+        chunk[:, patch_offset:patch_offset + patch.shape[1]] = patch[first:first + n]
+    return chunk
+
+
+def slots_recv(segments: list[torch.Tensor], geometry: list[int], seq: int, rows: torch.Tensor,
+               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, send_caps: list[int],
+               counts: list[int], out: torch.Tensor, recv_counts: torch.Tensor, recv_caps: list[int], rank: int,
+               budget_s: float) -> int:
+    """Reads slot exchange ``seq`` from every source into ``out`` (``recv_caps`` rows per source, the first
+    ``recv_counts[s]`` real, the rest left as they were); this rank's own chunk comes straight from ``rows``.
+    ``recv_counts[s]`` is ``-1`` until source ``s`` is read."""
+    base, slot_bytes = geometry
+    num_ranks, row_bytes = len(segments), out.shape[1]
+    half = seq % 2
+    mine = segments[rank][:base].view(torch.int64)
+    deadline, spins = time.monotonic() + budget_s, 0
+    while True:
+        for s in range(num_ranks):
+            if int(recv_counts[s]) >= 0:
+                continue
+            o = sum(recv_caps[:s])
+            if s == rank:
+                n = counts[rank]
+                out[o:o + n] = _chunk_rows(rows, index, patch, patch_offset, sum(send_caps[:rank]), n)
+                recv_counts[s] = n
+                continue
+            word = _stamp(s, half)
+            if int(mine[word]) != seq:
+                continue
+            n = int(mine[word + 1])
+            offset = base + (s * 2 + half) * slot_bytes
+            out[o:o + n] = segments[rank][offset:offset + n * row_bytes].view(n, row_bytes)
+            mine[word + 8] = seq
+            recv_counts[s] = n
+        if bool((recv_counts >= 0).all()):
+            return 1
+        if time.monotonic() >= deadline:
+            return 0
+        spins = _yield(spins)

@@ -1,0 +1,253 @@
+"""``shm``: ranks of one host exchange rows through POSIX shared memory (DeepEP's NVLink buffer, on CPU).
+
+Each rank creates its receive segments and maps its peers' (see ``_segments``): a ring segment for the
+normal-mode levels (``rows`` and ``tokens``), sized from ``num_nvl_bytes``, and a slot segment for the
+low-latency level (``bounded slots``), sized from ``num_rdma_bytes`` (or, when that is 0, to what the first
+exchange needs, growing when a later one needs more). Senders write rows straight into the receiver's
+segment; readiness is signalled by monotonic counters (the protocol is in ``_shm_engine``). The copy loops
+are private ops: the C++ kernels of ``csrc/shm.cpp``, or their pure-torch versions in ``_shm_engine``.
+
+Exchanges are collective and run in the same order on every rank, so each is queued and driven in order:
+waiting for one first completes the ones before it. Every wait is a bounded :class:`Pending` poll, and a
+dead peer (its process gone) is reported as soon as a wait on it runs out of its slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+
+import torch
+
+from .. import _waits, compute
+from .._wire import dense
+from . import _segments, _shm_engine
+from .base import Done, Transport
+
+#: Ring bytes per source when ``num_nvl_bytes`` is 0: small enough to stay in cache, big enough for bursts.
+DEFAULT_RING_BYTES = 8 << 20
+
+
+def unavailable(topology, group) -> str | None:
+    """``shm`` needs every rank of the group on this host, CPU tensors, and ``/dev/shm``."""
+    if topology is None or not topology.single_host:
+        return "its ranks are not all on one host (they must share /dev/shm)"
+    if "nccl" in str(torch.distributed.get_backend(group)).lower():
+        return "it moves CPU tensors, and this group's backend is NCCL"
+    if not os.path.isdir(_segments.SHM_DIR):
+        return f"{_segments.SHM_DIR} does not exist"
+    return None
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[n, ...]`` as contiguous uint8 rows ``[n, bytes per row]``."""
+    width = math.prod(t.shape[1:]) * t.element_size()
+    if t.numel() == 0:
+        return torch.empty(t.shape[0], width, dtype=torch.uint8)
+    return dense(t).contiguous().view(torch.uint8).view(t.shape[0], width)
+
+
+class _Exchange:
+    """One queued exchange: ``step(budget_s)`` advances it and says whether it is complete."""
+
+    def __init__(self, transport: ShmTransport, step, result):
+        self.transport, self.step, self._result, self.done = transport, step, result, False
+
+    def poll(self, timeout_s: float) -> bool:
+        return self.transport._drive(self, timeout_s)
+
+    def result(self):
+        return self._result() if callable(self._result) else self._result
+
+
+class ShmTransport(Transport):
+    """Shared-memory rings and slots between the ranks of one host."""
+
+    name = "shm"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        _segments.remove_stale()
+        run = secrets.randbits(48) if self.rank == 0 else 0
+        info = self._bootstrap(torch.tensor([run, os.getpid()], dtype=torch.int64))
+        self.run, self.pids = int(info[0, 0]), [int(p) for p in info[:, 1]]
+        self.ring_bytes = DEFAULT_RING_BYTES
+        if ctx.num_nvl_bytes:
+            self.ring_bytes = (ctx.num_nvl_bytes - _shm_engine.ring_base(self.num_ranks)) // self.num_ranks // 64 * 64
+        self._rings = self._map("n", _shm_engine.ring_segment_bytes(self.num_ranks, max(self.ring_bytes, 0)), 0,
+                                via_bootstrap=True)
+        self._ring_geometry = [_shm_engine.ring_base(self.num_ranks), self.ring_bytes]
+        self._mirror = torch.zeros(2 * self.num_ranks, dtype=torch.int64)
+        self._queue: list[_Exchange] = []
+        self._slots: list | None = None
+        self._slot_bytes, self._slot_generation, self._slot_seq = 0, 0, 0
+        self._slot_pending: list[_Exchange] = []
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def _bootstrap(self, mine: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``mine`` (``[R, W]``), exchanged over the portable backend this one replaces."""
+        ones = [1] * self.num_ranks
+        rows = mine.expand(self.num_ranks, -1).contiguous()
+        return _waits.wait(self.ctx, self.ctx.transport.all_to_all(rows, ones, ones), "Buffer", 0)
+
+    def _map(self, kind: str, size: int, generation: int, via_bootstrap: bool) -> list:
+        """Creates this rank's segment, maps every peer's, waits until all are mapped, then unlinks the name."""
+        names = [_segments.name(pid, self.run, r, kind, generation) for r, pid in enumerate(self.pids)]
+        segments: list = [None] * self.num_ranks
+        try:
+            segments[self.rank] = _segments.Segment(names[self.rank], size, create=True)
+            for r in range(self.num_ranks):
+                if r != self.rank:
+                    segments[r] = _segments.Segment(names[r], size, create=False, timeout_s=self.ctx.timeout_s,
+                                                    what=f"rank {r}")
+            flag = torch.ones(1, dtype=torch.int64)
+            if via_bootstrap:
+                self._bootstrap(flag)
+            else:
+                ones = [1] * self.num_ranks
+                _waits.wait(self.ctx, self.all_to_all(flag.expand(self.num_ranks, 1).contiguous(), ones, ones),
+                            "shm setup", 0)
+        finally:
+            _segments.unlink(names[self.rank])
+        return segments
+
+    def close(self) -> None:
+        for group in (self._rings, self._slots or []):
+            for segment in group:
+                if segment is not None:
+                    segment.close()
+        self._rings, self._slots = [], None
+
+    # --- driving ---------------------------------------------------------------------------------------
+
+    def _drive(self, exchange: _Exchange, timeout_s: float) -> bool:
+        """Advances the queue in order up to ``exchange``; raises naming a peer whose process is gone."""
+        while not exchange.done:
+            head = self._queue[0] if self._queue and exchange in self._queue else exchange
+            if not head.step(timeout_s):
+                self._check_peers()
+                return False
+            head.done = True
+            if head in self._queue:
+                self._queue.remove(head)
+        return True
+
+    def _check_peers(self) -> None:
+        for r, pid in enumerate(self.pids):
+            if r != self.rank and not _segments._alive(pid):
+                raise RuntimeError(f"rank {r} (pid {pid}) exited while this rank was waiting for it in shared "
+                                   f"memory")
+
+    def _enqueue(self, step, result) -> _Exchange:
+        exchange = _Exchange(self, step, result)
+        self._queue.append(exchange)
+        return exchange
+
+    def _segments(self, group: list) -> list[torch.Tensor]:
+        return [s.tensor for s in group]
+
+    # --- level 1 and 2: rings ---------------------------------------------------------------------------
+
+    def _check_ring(self, row_bytes: int) -> None:
+        if row_bytes > self.ring_bytes:
+            need = _shm_engine.ring_segment_bytes(self.num_ranks, (row_bytes + 63) // 64 * 64)
+            raise RuntimeError(f"deepep: expected num_nvl_bytes >= {need} (a ring per rank that holds one "
+                               f"{row_bytes}-byte row), got {self.ctx.num_nvl_bytes}")
+
+    def _copy(self, src: torch.Tensor, index: torch.Tensor | None, send_counts: list[int], recv_counts: list[int],
+              dtype: torch.dtype, tail: tuple[int, ...]) -> _Exchange:
+        self._check_ring(src.shape[1])
+        total = sum(recv_counts)
+        out = self.outputs.empty((total, src.shape[1]), torch.uint8)
+        cursor = torch.zeros(2 * self.num_ranks, dtype=torch.int64)
+        segments = self._segments(self._rings)
+
+        def step(budget_s: float) -> bool:
+            return bool(self.kernels.ring_copy(segments, self._ring_geometry, self._mirror, cursor, src, index,
+                                               send_counts, out, recv_counts, self.rank, budget_s))
+
+        return self._enqueue(step, lambda: out.view(dtype).view(total, *tail))
+
+    def all_to_all(self, send, send_splits, recv_splits):
+        return self._copy(_as_rows(send), None, send_splits, recv_splits, send.dtype, tuple(send.shape[1:]))
+
+    def dispatch_tokens(self, rows, is_token_in_rank, send_counts, recv_counts):
+        token = compute.destination_major_tokens(is_token_in_rank)
+        return self._copy(_as_rows(rows), token, send_counts, recv_counts, rows.dtype, tuple(rows.shape[1:]))
+
+    def combine_tokens(self, rows, is_token_in_rank, send_counts, recv_counts, bias=(), out_dtype=None):
+        rows = dense(rows).contiguous()
+        self._check_ring(math.prod(rows.shape[1:]) * rows.element_size())
+        bias = tuple(bias) + (None,) * (2 - len(bias))
+        num_tokens, width = is_token_in_rank.shape[0], rows.shape[1]
+        out = self.outputs.empty((num_tokens, width), rows.dtype if out_dtype is None else out_dtype)
+        cursor = torch.zeros(2 * self.num_ranks + 1, dtype=torch.int64)
+        segments, scratch = self._segments(self._rings), {}
+        token_in_rank = is_token_in_rank.contiguous()
+
+        def step(budget_s: float) -> bool:
+            return bool(self.kernels.ring_combine(segments, self._ring_geometry, self._mirror, cursor, rows,
+                                                  send_counts, recv_counts, token_in_rank, bias[0], bias[1], out,
+                                                  self.rank, budget_s, scratch))
+
+        return self._enqueue(step, out)
+
+    # --- level 3: slots -----------------------------------------------------------------------------------
+
+    def _ensure_slots(self, slot_bytes: int) -> None:
+        """Slots of at least ``slot_bytes`` per (source, half); every rank decides the same, at the same call."""
+        if slot_bytes <= self._slot_bytes:
+            return
+        fixed = self.ctx.num_rdma_bytes
+        if fixed:
+            available = (fixed - _shm_engine.slot_base(self.num_ranks)) // (2 * self.num_ranks) // 64 * 64
+            if slot_bytes > available:
+                need = _shm_engine.slot_segment_bytes(self.num_ranks, (slot_bytes + 63) // 64 * 64)
+                raise RuntimeError(f"deepep: expected num_rdma_bytes >= {need} (slots for this exchange), got {fixed}")
+            slot_bytes = available
+        else:
+            slot_bytes = max(2 * slot_bytes, 1 << 20) // 64 * 64
+        for pending in self._slot_pending:  # their data sits in the slots about to be replaced
+            _waits.wait(self.ctx, pending, "shm resize", 0)
+        old = self._slots
+        self._slot_generation += 1
+        self._slots = self._map("l", _shm_engine.slot_segment_bytes(self.num_ranks, slot_bytes), self._slot_generation,
+                                via_bootstrap=False)
+        self._slot_bytes = slot_bytes
+        for segment in old or []:
+            segment.close()
+
+    def exchange_slots(self, rows, index, send_caps, counts, recv_caps, patch=None, patch_offset=0):
+        row_bytes = rows.shape[1]
+        self._ensure_slots(max(max(send_caps), max(recv_caps)) * row_bytes)
+        self._slot_seq += 1
+        seq, counts = self._slot_seq, counts.tolist()
+        # At most two exchanges in flight (the two halves): one that used this half before must be read out
+        # first, even if nobody asks for it any more (a receive hook that is never called).
+        for pending in self._slot_pending:
+            if pending.seq <= seq - 2 and not pending.done:
+                _waits.wait(self.ctx, pending, "shm slots", seq - 2)
+        self._slot_pending = [p for p in self._slot_pending if not p.done]
+        out = torch.empty(sum(recv_caps), row_bytes, dtype=torch.uint8)
+        recv_counts = torch.full((self.num_ranks,), -1, dtype=torch.int64)
+        sent = torch.zeros(self.num_ranks, dtype=torch.int64)
+        segments, geometry = self._segments(self._slots), [_shm_engine.slot_base(self.num_ranks), self._slot_bytes]
+        rows = dense(rows).contiguous()
+        state = {"sent": False}
+
+        def step(budget_s: float) -> bool:
+            if not state["sent"]:
+                state["sent"] = bool(self.kernels.slots_send(segments, geometry, seq, rows, index, patch, patch_offset,
+                                                             send_caps, counts, self.rank, sent, budget_s))
+                if not state["sent"]:
+                    return False
+            return bool(self.kernels.slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
+                                                counts, out, recv_counts, recv_caps, self.rank, budget_s))
+
+        exchange = _Exchange(self, step, lambda: (out, recv_counts))
+        exchange.seq = seq
+        step(0.0)  # send now, so that peers can receive while this rank goes on (the receive hooks)
+        self._slot_pending.append(exchange)
+        return exchange
