@@ -119,4 +119,29 @@ def _compute_samples() -> dict[str, list[tuple]]:
         "_weighted_reduce.default": [(rows, slot, w), (rows, slot, w[:, :1])],
         "_quantize_int8.default": [(rows, 0.0), (rows.float(), 1e-12)],
         "_quantize_fp8.default": [(rows, False, False), (torch.randn(2, 512, generator=g), True, True)],
+        **_shm_samples(),
+    }
+
+
+def _shm_samples() -> dict[str, list[tuple]]:
+    """The shared-memory copy loops on one rank: its own segment only, so every row is a local copy."""
+    from deep_ep_ops.transports import _shm_engine
+
+    base, ring_bytes, slot_bytes = _shm_engine.ring_base(1), 1 << 16, 1 << 16
+    rings = [torch.zeros(_shm_engine.ring_segment_bytes(1, ring_bytes), dtype=torch.uint8)]
+    slots = [torch.zeros(_shm_engine.slot_segment_bytes(1, slot_bytes), dtype=torch.uint8)]
+    slot_geometry = [_shm_engine.slot_base(1), slot_bytes]
+    src = torch.arange(48, dtype=torch.uint8).view(3, 16)
+    rows = torch.randn(3, 8)
+    zeros = torch.zeros(2, dtype=torch.int64)
+    return {
+        "_shm_ring_copy.default": [(rings, [base, ring_bytes], zeros.clone(), zeros.clone(), src,
+                                    torch.tensor([2, 0]), [2], torch.empty(2, 16, dtype=torch.uint8), [2], 0, 1.0)],
+        "_shm_ring_combine.default": [(rings, [base, ring_bytes], zeros.clone(), torch.zeros(3, dtype=torch.int64),
+                                       rows, [3], [3], torch.ones(3, 1, dtype=torch.bool), None, None,
+                                       torch.empty(3, 8), 0, 1.0)],
+        "_shm_slots_send.default": [(slots, slot_geometry, 1, src, None, None, 0, [3], [2], 0,
+                                     torch.zeros(1, dtype=torch.int64), 1.0)],
+        "_shm_slots_recv.default": [(slots, slot_geometry, 1, src, None, None, 0, [3], [2],
+                                     torch.empty(3, 16, dtype=torch.uint8), torch.full((1,), -1), [3], 0, 1.0)],
     }

@@ -79,20 +79,20 @@ def test_static_helpers():
 def test_attributes_and_destroy(group1):
     b = Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=0)
     assert b.group is dist.group.WORLD and b.num_nvl_bytes == 1 << 20 and b.num_rdma_bytes == 0
-    assert b.transport == "all_to_all" and b.rank == 0 and b.group_size == 1
+    assert b.transport == "shm" and b.rank == 0 and b.group_size == 1  # one host: shared memory
     b.destroy()
     with pytest.raises(RuntimeError, match=r"deepep::dispatch: expected a live Buffer, got one after destroy\(\)"):
         b.dispatch(torch.zeros(1, 4), handle=[torch.zeros(1)] * 6)
 
 
-NAMES = r"\['all_to_all', 'alltoall', 'auto', 'default', 'ops'\]"
+NAMES = r"\['all_to_all', 'alltoall', 'auto', 'default', 'ops', 'shared_memory', 'shm'\]"
 
 
 def test_transport_names(group1, monkeypatch):
     """Names, aliases, DEEP_USE_MODE values and the errors all come from the backend registry."""
     from deep_ep_ops import transports
 
-    assert transports.names() == ["all_to_all", "alltoall", "auto", "default", "ops"]
+    assert transports.names() == ["all_to_all", "alltoall", "auto", "default", "ops", "shared_memory", "shm"]
     with pytest.raises(ValueError, match=rf"expected a transport in {NAMES}, got 'nvlink'"):
         Buffer(dist.group.WORLD, transport="nvlink")
     with pytest.raises(ValueError, match="transport 'ops' cannot serve this group: it needs torch_npu"):
@@ -100,10 +100,11 @@ def test_transport_names(group1, monkeypatch):
     monkeypatch.setenv("DEEP_USE_MODE", "fast")
     with pytest.raises(ValueError, match=rf"expected DEEP_USE_MODE in {NAMES}, got 'fast'"):
         Buffer(dist.group.WORLD)
-    for mode in ("alltoall", "all_to_all", "DEFAULT"):
+    for mode, name in (("alltoall", "all_to_all"), ("all_to_all", "all_to_all"), ("DEFAULT", "shm"),
+                       ("shared_memory", "shm")):
         monkeypatch.setenv("DEEP_USE_MODE", mode)
         b = Buffer(dist.group.WORLD)
-        assert b.transport == "all_to_all"
+        assert b.transport == name
         b.destroy()
 
 
