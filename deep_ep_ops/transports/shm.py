@@ -183,7 +183,7 @@ class ShmTransport(Transport):
         bias = tuple(bias) + (None,) * (2 - len(bias))
         num_tokens, width = is_token_in_rank.shape[0], rows.shape[1]
         out = self.outputs.empty((num_tokens, width), rows.dtype if out_dtype is None else out_dtype)
-        cursor = torch.zeros(2 * self.num_ranks + 1, dtype=torch.int64)
+        cursor = torch.zeros(3 * self.num_ranks + 2, dtype=torch.int64)  # see csrc/shm.cpp, ring_combine
         segments, scratch = self._segments(self._rings), {}
         token_in_rank = is_token_in_rank.contiguous()
 
