@@ -95,7 +95,6 @@ def local_failure(rank: int, world: int, op: str, kind: str) -> str:
 
     from cases_fused import FusedCase, local_weights
     from cases_low_latency import LLCase, make_inputs
-    from deep_ep_ops import quant
 
     case = FusedCase(LLCase(tokens=(4,), m=4, hidden=256, num_experts=8, num_topk=2))
     xs, idx, w = make_inputs(case.base, world)
@@ -117,7 +116,7 @@ def local_failure(rank: int, world: int, op: str, kind: str) -> str:
 
     try:
         message = "no error"
-        patch = mock.patch.object(quant, "per_token_int8" if op != "low_latency_dispatch" else "per_block_fp8",
+        patch = mock.patch.object(buf._ctx.kernels, "quantize_int8" if op != "low_latency_dispatch" else "quantize_fp8",
                                   injected)
         if kind == "bad_weights" and rank == 1:
             weights = (weights[0][:, :-1], *weights[1:])

@@ -1,5 +1,6 @@
 """The empty-batch matrix: every communicating op × every wire format × a rank with no tokens (and every
-rank with none), each case compared with the reference by the case functions of the other modules.
+rank with none), each case compared with the reference by the case functions of the other modules, on
+every transport and both kernel paths.
 
 ``N = 0`` on a rank is the normal case in decode (a rank with an empty batch). The empty inputs of every
 case carry all-zero strides (``_data.odd_empty``), as ``expand`` or a reduction over an empty batch gives
@@ -8,12 +9,16 @@ them, because strides of empty tensors are arbitrary and must never matter.
 
 from __future__ import annotations
 
+import torch.distributed as dist
+
 import cases_fused
 import cases_low_latency
 import cases_normal
 from _data import Case
 from cases_fused import FusedCase
 from cases_low_latency import LLCase
+from cases_normal import env
+from deep_ep_ops import Buffer
 
 #: Normal mode: (name, Case.dtype, options). ``cached`` and ``bias`` run cached dispatch and combine too.
 NORMAL_FORMATS = [("bf16", "bfloat16", {}), ("fp32", "float32", {}), ("fp8-tuple", "fp8", {}),
@@ -53,13 +58,18 @@ def _fused(rank: int, world: int, case: FusedCase, opts: dict):
     return cases_fused.fused_vs_unfused(rank, world, case)
 
 
-def run(rank: int, world: int) -> list[str]:
-    """Runs every case in order on every rank; returns the names run (a failure raises with its name)."""
+def run(rank: int, world: int, transport: str, kernels: str) -> list[str]:
+    """Runs every case in order on every rank, on ``transport`` with ``kernels``; returns the names run (a
+    failure raises with its name)."""
     names = []
-    for name, fn, case, opts in cases(world):
-        try:
-            fn(rank, world, case, opts)
-        except BaseException as exc:
-            raise AssertionError(f"matrix case {name} failed on rank {rank}") from exc
-        names.append(name)
+    with env(DEEP_USE_MODE=transport, DEEP_EP_OPS_KERNELS=kernels):
+        buf = Buffer(dist.group.WORLD)
+        assert (buf.transport, buf.kernels) == (transport, kernels), (buf.transport, buf.kernels)
+        buf.destroy()
+        for name, fn, case, opts in cases(world):
+            try:
+                fn(rank, world, case, opts)
+            except BaseException as exc:
+                raise AssertionError(f"matrix case {name} failed on rank {rank} ({transport}, {kernels})") from exc
+            names.append(name)
     return names

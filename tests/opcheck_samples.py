@@ -137,7 +137,7 @@ def _shm_samples() -> dict[str, list[tuple]]:
     return {
         "_shm_ring_copy.default": [(rings, [base, ring_bytes], zeros.clone(), zeros.clone(), src,
                                     torch.tensor([2, 0]), [2], torch.empty(2, 16, dtype=torch.uint8), [2], 0, 1.0)],
-        "_shm_ring_combine.default": [(rings, [base, ring_bytes], zeros.clone(), torch.zeros(3, dtype=torch.int64),
+        "_shm_ring_combine.default": [(rings, [base, ring_bytes], zeros.clone(), torch.zeros(5, dtype=torch.int64),
                                        rows, [3], [3], torch.ones(3, 1, dtype=torch.bool), None, None,
                                        torch.empty(3, 8), 0, 1.0)],
         "_shm_slots_send.default": [(slots, slot_geometry, 1, src, None, None, 0, [3], [2], 0,
