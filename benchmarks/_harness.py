@@ -1,8 +1,12 @@
-"""Shared benchmark plumbing: timing statistics, spawned gloo ranks, progress, tables and ``--json``.
+"""Shared benchmark plumbing: timing statistics, spawned gloo ranks, baselines, progress, tables, ``--json``
+and ``--plot``.
 
-Times are per call in microseconds: median and p10/p90 over iterations, each the max over ranks
-(the slowest rank bounds a collective step). Ranks synchronize with a barrier before every timed
-call so that launch skew does not count.
+Times are per call in microseconds: median and p10/p90 over iterations, each the max over ranks (the
+slowest rank bounds a collective step). Ranks synchronize with a barrier before every timed call so that
+launch skew does not count. Every figure comes with two baselines measured in the same run for the same
+bytes (DESIGN §7): one plain ``torch.distributed.all_to_all_single`` with its buffers allocated once, and
+a pre-faulted ``memcpy`` (``dst.copy_(src)`` between reused buffers, every rank at once): the physical
+ceiling of moving those bytes on this machine.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import torch.multiprocessing as mp
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--ranks", type=int, default=4, help="gloo ranks to spawn (default 4)")
+    p.add_argument("--ranks", type=int, default=2, help="gloo ranks to spawn (default 2)")
     p.add_argument("--iters", type=int, default=20, help="timed iterations per config (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations first (default 3)")
+    p.add_argument("--transport", nargs="+", default=["shm", "all_to_all"],
+                   help="transports to compare (default: shm all_to_all)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    p.add_argument("--plot", metavar="PATH", help="also draw a PNG to PATH (needs the [plot] extra: matplotlib)")
     return p
 
 
@@ -57,41 +64,30 @@ def summary_us(samples: list[float]) -> dict[str, float]:
 #: Wire bytes of one row per format (DESIGN §7): BF16 2·H; FP8 H + 4·H/128 scales; INT8 H + 4.
 ROW_BYTES = {"bf16": lambda h: 2 * h, "fp8": lambda h: h + 4 * (h // 128), "int8": lambda h: h + 4}
 
-#: Columns of a dispatch/combine row (see :func:`comm_row`), after a benchmark's own leading columns.
-COMM_COLUMNS = [("dispatch_us", "dispatch µs", ".0f"), ("dispatch_p10_us", "p10", ".0f"),
-                ("dispatch_p90_us", "p90", ".0f"), ("dispatch_GBps", "GB/s", ".3f"),
-                ("baseline_dispatch_us", "a2a µs", ".0f"), ("baseline_dispatch_GBps", "a2a GB/s", ".3f"),
-                ("combine_us", "combine µs", ".0f"), ("combine_p10_us", "p10", ".0f"), ("combine_p90_us", "p90", ".0f"),
-                ("combine_GBps", "GB/s", ".3f"), ("baseline_combine_us", "a2a µs", ".0f"),
-                ("baseline_combine_GBps", "a2a GB/s", ".3f")]
-
 
 def raw_all_to_all(send_counts: torch.Tensor, row_bytes: int, group) -> Callable[[], object]:
     """The baseline: one plain ``all_to_all_single`` of ``send_counts`` rows per destination (counts exchanged
-    up front, buffers allocated once)."""
+    up front, buffers allocated and touched once)."""
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=group)
-    send = torch.empty(int(send_counts.sum()), row_bytes, dtype=torch.uint8)
-    recv = torch.empty(int(recv_counts.sum()), row_bytes, dtype=torch.uint8)
+    send = torch.ones(int(send_counts.sum()), row_bytes, dtype=torch.uint8)
+    recv = torch.ones(int(recv_counts.sum()), row_bytes, dtype=torch.uint8)
     s, r = send_counts.tolist(), recv_counts.tolist()
     return lambda: dist.all_to_all_single(recv, send, r, s, group=group)
 
 
-def comm_row(dispatch: Callable[[], object], combine: Callable[[], object], send_counts: torch.Tensor,
-             row_bytes: int, hidden: int, rows_moved: int, iters: int, warmup: int, group) -> dict:
-    """Times dispatch, combine and the baseline moving the same rows both ways; returns the row for
-    :data:`COMM_COLUMNS` (GB/s = ``rows_moved`` × bytes per row / median time; combine rows are bf16)."""
-    t = {name: summary_us(time_calls(fn, iters, warmup, group)) for name, fn in (
-        ("dispatch", dispatch), ("combine", combine),
-        ("baseline_dispatch", raw_all_to_all(send_counts, row_bytes, group)),
-        ("baseline_combine", raw_all_to_all(send_counts, 2 * hidden, group)))}
-    row = {}
-    for name, nbytes in (("dispatch", row_bytes), ("combine", 2 * hidden)):
-        row.update({f"{name}_us": t[name]["median_us"], f"{name}_p10_us": t[name]["p10_us"],
-                    f"{name}_p90_us": t[name]["p90_us"], f"{name}_GBps": rows_moved * nbytes / t[name]["median_us"] / 1e3,
-                    f"baseline_{name}_us": t[f"baseline_{name}"]["median_us"],
-                    f"baseline_{name}_GBps": rows_moved * nbytes / t[f"baseline_{name}"]["median_us"] / 1e3})
-    return row
+def memcpy(nbytes: int) -> Callable[[], object]:
+    """The physical ceiling: a copy of ``nbytes`` between two pre-faulted, reused buffers."""
+    src, dst = torch.ones(max(nbytes, 1), dtype=torch.uint8), torch.zeros(max(nbytes, 1), dtype=torch.uint8)
+    return lambda: dst.copy_(src)
+
+
+def timed(fn: Callable[[], object], args, group) -> dict[str, float]:
+    return summary_us(time_calls(fn, args.iters, args.warmup, group))
+
+
+def gbps(nbytes: float, us: float) -> float:
+    return nbytes / us / 1e3
 
 
 def progress(i: int, n: int, what: str) -> None:
@@ -112,6 +108,33 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"\nwrote {path}")
+
+
+def plot(path: str | None, title: str, x_key: str, x_label: str, y_label: str, series: dict[str, list[tuple]]) -> None:
+    """A PNG with one line per series (``name → [(x, y), …]``); needs matplotlib (``pip install .[plot]``)."""
+    if not path:
+        return
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"\n--plot needs matplotlib (pip install -e '.[plot]'); {path} not written", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        xs, ys = zip(*sorted(points)) if points else ((), ())
+        ax.plot(xs, ys, marker="o", linestyle="--" if name.startswith("baseline") else "-", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nwrote {path}")
 
 
 def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:

@@ -130,6 +130,25 @@ void store_row(T* out, const float* acc, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(acc[i]);
 }
 
+// c10's fp32 -> bf16 rounding (nearest even; any NaN becomes 0x7FC0), without branches so that it vectorizes.
+DEEPEP_CLONES void store_row_bf16(c10::BFloat16* out, const float* acc, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, acc + i, 4);
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    const uint16_t rounded = static_cast<uint16_t>((u + (((u >> 16) & 1) + 0x7FFFu)) >> 16);
+    bits[i] = nan ? uint16_t(0x7FC0) : rounded;
+  }
+}
+
+template <typename T>
+void store(T* out, const float* acc, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) store_row_bf16(out, acc, n);
+  else if constexpr (std::is_same_v<T, float>) std::memcpy(out, acc, n * sizeof(float));
+  else store_row(out, acc, n);
+}
+
 }  // namespace
 
 // Shared with shm.cpp: adds one row of any floating dtype into an fp32 accumulator.
@@ -140,7 +159,23 @@ void accumulate_row(float* acc, const void* row, at::ScalarType dtype, int64_t n
 
 void store_accumulated(void* out, const float* acc, at::ScalarType dtype, int64_t n) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "store_accumulated",
-                                  [&] { store_row(static_cast<scalar_t*>(out), acc, n); });
+                                  [&] { store(static_cast<scalar_t*>(out), acc, n); });
+}
+
+// out = round(0 + src[0] + src[1] + ...) element-wise in fp32, sources in order (torch's zeros-then-add
+// order), in blocks that stay in L1: no fp32 row is ever written to memory.
+void reduce_rows(void* out, at::ScalarType out_dtype, const void* const* src, const at::ScalarType* dtype,
+                 int64_t count, int64_t n) {
+  constexpr int64_t kBlock = 1024;
+  alignas(64) float acc[kBlock];
+  const int64_t out_size = c10::elementSize(out_dtype);
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t len = std::min(kBlock, n - begin);
+    std::fill(acc, acc + len, 0.0f);
+    for (int64_t k = 0; k < count; ++k)
+      accumulate_row(acc, static_cast<const char*>(src[k]) + begin * c10::elementSize(dtype[k]), dtype[k], len);
+    store_accumulated(static_cast<char*>(out) + begin * out_size, acc, out_dtype, len);
+  }
 }
 
 namespace {
@@ -168,16 +203,21 @@ at::Tensor combine_reduce(const at::Tensor& rows, const at::Tensor& token, int64
   const char* base = static_cast<const char*>(rows.data_ptr());
   const int64_t stride = rows.stride(0) * rows.element_size();
   at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(width);
+    std::vector<const void*> src;
+    std::vector<at::ScalarType> dtype;
     for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), 0.0f);  // torch starts from zeros: 0 + (-0) is +0
-      for (const auto& b : biases)
-        accumulate_row(acc.data(), static_cast<const char*>(b.data_ptr()) + t * width * b.element_size(),
-                       b.scalar_type(), width);
-      for (int64_t k = start[t]; k < start[t + 1]; ++k)
-        accumulate_row(acc.data(), base + order[k] * stride, rows.scalar_type(), width);
-      store_accumulated(static_cast<char*>(out.data_ptr()) + t * width * out.element_size(), acc.data(), out_dtype,
-                        width);
+      src.clear();
+      dtype.clear();
+      for (const auto& b : biases) {
+        src.push_back(static_cast<const char*>(b.data_ptr()) + t * width * b.element_size());
+        dtype.push_back(b.scalar_type());
+      }
+      for (int64_t k = start[t]; k < start[t + 1]; ++k) {
+        src.push_back(base + order[k] * stride);
+        dtype.push_back(rows.scalar_type());
+      }
+      reduce_rows(static_cast<char*>(out.data_ptr()) + t * width * out.element_size(), out_dtype, src.data(),
+                  dtype.data(), src.size(), width);
     }
   });
   return out;
@@ -207,7 +247,7 @@ at::Tensor weighted_reduce(const at::Tensor& rows, const at::Tensor& slot, const
           if (j < k) accumulate_scaled(acc.data(), row, w[t * k + j], width);
           else accumulate(acc.data(), row, width);
         }
-        store_row(out.data_ptr<scalar_t>() + t * width, acc.data(), width);
+        store(out.data_ptr<scalar_t>() + t * width, acc.data(), width);
       }
     });
   });

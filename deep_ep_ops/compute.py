@@ -44,6 +44,10 @@ class Kernels:
         rows = dense(rows)
         return words(rows).index_select(0, index).view(rows.dtype).view(index.shape[0], *rows.shape[1:])
 
+    def gather_rows_into(self, out: torch.Tensor, rows: torch.Tensor, index: torch.Tensor) -> None:
+        """``out[:] = rows[index]`` (``out`` contiguous, as many bytes per row as ``rows``)."""
+        torch.index_select(words(dense(rows)), 0, index, out=words(out))
+
     def scatter_rows(self, out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
         """``out[index] = rows`` for a 2-D contiguous ``out`` and ``rows`` with as many bytes per row."""
         words(out).index_copy_(0, index, words(rows))

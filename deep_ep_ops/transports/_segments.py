@@ -97,15 +97,15 @@ class Segment:
             while os.fstat(fd).st_size < size and time.monotonic() < deadline:
                 time.sleep(0.001)
         try:
-            self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.tensor = torch.frombuffer(self.mapping, dtype=torch.uint8)
 
     def close(self) -> None:
         """Unmaps the segment (views of it must be gone)."""
         self.tensor = None
         try:
-            self._map.close()
+            self.mapping.close()
         except (BufferError, ValueError):  # a view is still alive somewhere; the mapping dies with it
             pass

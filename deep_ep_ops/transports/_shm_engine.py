@@ -10,6 +10,11 @@ Senders write whole rows into the destination's ring as space allows, then publi
 copy (or reduce) whole rows out, then publish ``consumed``. A rank drives its sends and its receives in
 one loop, so no rank waits on a peer that waits on it.
 
+**Direct (normal dispatch).** The receiver allocates the output of a dispatch in shared memory (an output
+block, reused once the caller drops the tensor, see ``shm.py``) and publishes, per source, where that
+source's rows go (``landing``: exchange number, block, offset). Each sender writes its rows straight there
+and publishes ``delivered``. One copy per row, no flow control: the block holds them all.
+
 **Slots (low-latency).** Rank ``r``'s low-latency segment holds, per source and per half (exchange
 number parity), a bounded slot area and three words: ``stamp`` (the exchange number of the data there),
 ``count`` (its real rows) and ``consumed`` (the last exchange number ``r`` read out of it). A sender waits
@@ -30,7 +35,7 @@ import time
 import torch
 
 LINE = 64  # bytes per control line
-CTRL_WORDS_PER_SOURCE = 16  # two lines: [written | ... ] [consumed | ...]
+CTRL_WORDS_PER_SOURCE = 16  # two lines: [written, delivered | ...] (the sender's) [consumed, landing | ...] (mine)
 
 
 def ring_base(num_ranks: int) -> int:
@@ -48,6 +53,17 @@ def _written(source: int) -> int:
 
 def _consumed(source: int) -> int:
     return 8 + CTRL_WORDS_PER_SOURCE * source + 8
+
+
+def delivered(source: int) -> int:
+    """Word of the last direct exchange ``source`` has delivered here (written by ``source``)."""
+    return _written(source) + 1
+
+
+def landing(source: int) -> int:
+    """First of four words, written by the receiver: ``[seq, block id, block bytes, byte offset]`` of where
+    ``source`` may write its rows of direct exchange ``seq``."""
+    return _consumed(source) + 1
 
 
 def slot_base(num_ranks: int) -> int:

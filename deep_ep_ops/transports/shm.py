@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import time
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import _waits, compute
 from .._wire import dense
@@ -46,6 +48,75 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     if t.numel() == 0:
         return torch.empty(t.shape[0], width, dtype=torch.uint8)
     return dense(t).contiguous().view(torch.uint8).view(t.shape[0], width)
+
+
+class _Waiter:
+    """Spin briefly, then yield the core; ``expired()`` once ``budget_s`` has passed."""
+
+    def __init__(self, budget_s: float):
+        self.deadline, self.spins = time.monotonic() + budget_s, 0
+
+    def expired(self) -> bool:
+        self.spins += 1
+        if self.spins > 64:
+            os.sched_yield()
+        return time.monotonic() >= self.deadline
+
+
+class _OutputBlocks:
+    """Output buffers in shared memory, so that peers can write a dispatch's rows straight into them.
+
+    Like ``deep_ep_ops._outputs.OutputPool``: a block belongs to the output tensor made from it until the
+    caller drops that tensor, then serves the next output; blocks stay mapped, so reuse costs no page
+    faults. A block's name stays under ``/dev/shm`` while it lives, since peers map blocks as they first
+    meet them; it carries this process's id, so a crash leaves nothing that ``_segments.remove_stale``
+    would not remove.
+    """
+
+    def __init__(self, transport: ShmTransport):
+        self.transport = transport
+        self._free: dict[int, list[_segments.Segment]] = {}
+        self._busy: list[tuple[StorageWeakRef, _segments.Segment]] = []
+        self._peers: dict[tuple[int, int], _segments.Segment] = {}
+        self._count = 0
+
+    def empty(self, nbytes: int) -> tuple[_segments.Segment, torch.Tensor]:
+        """A block of at least ``nbytes`` and a uint8 tensor over its first ``nbytes`` that the caller owns."""
+        busy = []
+        for ref, block in self._busy:
+            (self._free.setdefault(block.size, []).append(block) if ref.expired() else busy.append((ref, block)))
+        self._busy = busy
+        size = max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+        if self._free.get(size):
+            block = self._free[size].pop()
+        else:
+            t = self.transport
+            block = _segments.Segment(_segments.name(os.getpid(), t.run, t.rank, "o", self._count), size, create=True)
+            block.index = self._count
+            self._count += 1
+        out = torch.frombuffer(block.mapping, dtype=torch.uint8, count=max(nbytes, 1))
+        self._busy.append((StorageWeakRef(out.untyped_storage()), block))
+        return block, out
+
+    def peer(self, rank: int, index: int, size: int) -> torch.Tensor:
+        """Rank ``rank``'s output block ``index``, mapped here on first use."""
+        key = (rank, index)
+        if key not in self._peers:
+            t = self.transport
+            self._peers[key] = _segments.Segment(_segments.name(t.pids[rank], t.run, rank, "o", index), size,
+                                                 create=False, timeout_s=t.ctx.timeout_s, what=f"rank {rank}")
+        return self._peers[key].tensor
+
+    def close(self) -> None:
+        for segment in self._peers.values():
+            segment.close()
+        for _, block in self._busy:
+            _segments.unlink(block.name)
+        for blocks in self._free.values():
+            for block in blocks:
+                _segments.unlink(block.name)
+                block.close()
+        self._peers, self._free, self._busy = {}, {}, []
 
 
 class _Exchange:
@@ -83,6 +154,8 @@ class ShmTransport(Transport):
         self._slots: list | None = None
         self._slot_bytes, self._slot_generation, self._slot_seq = 0, 0, 0
         self._slot_pending: list[_Exchange] = []
+        self._blocks = _OutputBlocks(self)
+        self._direct_seq = 0
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -114,6 +187,7 @@ class ShmTransport(Transport):
         return segments
 
     def close(self) -> None:
+        self._blocks.close()
         for group in (self._rings, self._slots or []):
             for segment in group:
                 if segment is not None:
@@ -174,8 +248,53 @@ class ShmTransport(Transport):
         return self._copy(_as_rows(send), None, send_splits, recv_splits, send.dtype, tuple(send.shape[1:]))
 
     def dispatch_tokens(self, rows, is_token_in_rank, send_counts, recv_counts):
+        """Direct: each sender writes its rows straight into the receiver's output (see ``_shm_engine``)."""
+        src = _as_rows(rows)
         token = compute.destination_major_tokens(is_token_in_rank)
-        return self._copy(_as_rows(rows), token, send_counts, recv_counts, rows.dtype, tuple(rows.shape[1:]))
+        self._direct_seq += 1
+        seq, num_ranks, row_bytes = self._direct_seq, self.num_ranks, src.shape[1]
+        total = sum(recv_counts)
+        block, out = self._blocks.empty(total * row_bytes)
+        send_off = [sum(send_counts[:d]) for d in range(num_ranks)]
+        recv_off = [sum(recv_counts[:s]) for s in range(num_ranks)]
+        mine = self._rings[self.rank].tensor[:self._ring_geometry[0]].view(torch.int64)
+        state = {"published": False, "sent": [d == self.rank for d in range(num_ranks)]}
+
+        def copy_rows(dst: torch.Tensor, d: int) -> None:
+            n = send_counts[d]
+            if n:
+                self.kernels.gather_rows_into(dst.view(n, row_bytes), src, token[send_off[d]:send_off[d] + n])
+
+        def step(budget_s: float) -> bool:
+            if not state["published"]:
+                first = recv_off[self.rank] * row_bytes
+                copy_rows(out[first:first + send_counts[self.rank] * row_bytes], self.rank)
+                for s in range(num_ranks):
+                    word = _shm_engine.landing(s)
+                    mine[word + 1], mine[word + 2], mine[word + 3] = block.index, block.size, recv_off[s] * row_bytes
+                    mine[word] = seq  # last: a sender that sees the number sees the rest
+                state["published"] = True
+            waiter = _Waiter(budget_s)
+            while True:
+                for d in range(num_ranks):
+                    if state["sent"][d]:
+                        continue
+                    peer = self._rings[d].tensor[:self._ring_geometry[0]].view(torch.int64)
+                    word = _shm_engine.landing(self.rank)
+                    if int(peer[word]) != seq:
+                        continue
+                    target = self._blocks.peer(d, int(peer[word + 1]), int(peer[word + 2]))
+                    offset = int(peer[word + 3])
+                    copy_rows(target[offset:offset + send_counts[d] * row_bytes], d)
+                    peer[_shm_engine.delivered(self.rank)] = seq
+                    state["sent"][d] = True
+                if all(state["sent"]) and all(s == self.rank or int(mine[_shm_engine.delivered(s)]) == seq
+                                              for s in range(num_ranks)):
+                    return True
+                if waiter.expired():
+                    return False
+
+        return self._enqueue(step, lambda: out[:total * row_bytes].view(rows.dtype).view(total, *rows.shape[1:]))
 
     def combine_tokens(self, rows, is_token_in_rank, send_counts, recv_counts, bias=(), out_dtype=None):
         rows = dense(rows).contiguous()
