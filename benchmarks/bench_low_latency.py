@@ -1,16 +1,18 @@
-"""Low-latency dispatch/combine latency per wire format, with a raw all_to_all baseline in the same run.
+"""Low-latency dispatch/combine latency per transport and wire format, beside the same run's baselines.
 
-    python -m benchmarks.bench_low_latency [--ranks 4] [--tokens 1 4 16 32 64 128] [--formats bf16 fp8 int8]
-                                           [--hidden 7168] [--num-topk 8] [--num-experts 256] [--json out.json]
+    python -m benchmarks.bench_low_latency [--ranks 2] [--max-tokens 128] [--tokens 1 8 32 128]
+                                           [--formats bf16 fp8 int8] [--hidden 7168] [--num-topk 8]
+                                           [--num-experts 256] [--transport shm all_to_all] [--json out.json]
+                                           [--plot out.png]
 
-Per config: time per call in µs (median, p10/p90 over iterations; each sample is the max over ranks),
-and bandwidth. Bytes follow DESIGN §7: one row per (token, selected expert), the local rank included, with
-the real wire bytes of a row (BF16: 2·H; FP8: H + 4·H/128 scales; INT8: H + 4; combine: 2·H). The op
-moves more than that, because its static exchange pads every (source, destination) chunk to
-``M·min(K, L)`` rows so that shapes never depend on data. ``wire MB`` is what it actually sends per rank.
-The ``all_to_all`` baseline is one ``torch.distributed.all_to_all_single`` of exactly the logical rows,
-with counts known in advance (no handshake, packing or padding): the cost of moving the same data
-with plain torch.distributed. ``num_max_dispatch_tokens_per_rank`` equals the token count.
+Decode batches vary, so ``num_max_dispatch_tokens_per_rank`` (M) stays at the largest batch and each row
+sends fewer tokens: the cost of a step should follow the tokens actually sent, not M. Per config: µs per
+call (median, p10/p90 over iterations; each sample is the max over ranks) of dispatch, combine and both.
+Bytes follow DESIGN §7: one row per (token, selected expert), the local rank included, with the wire
+bytes of a row (BF16 2·H; FP8 H + 4·H/128; INT8 H + 4; combine 2·H). Baselines for exactly those rows:
+``a2a`` is a plain ``all_to_all_single`` there (dispatch rows) and back (combine rows), counts known in
+advance and buffers allocated once; ``memcpy`` copies the same bytes between pre-faulted buffers.
+``x a2a`` = baseline µs / (dispatch + combine) µs.
 """
 
 from __future__ import annotations
@@ -18,62 +20,87 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from benchmarks._harness import (COMM_COLUMNS, ROW_BYTES, base_parser, comm_row, print_table, progress, run_ranks,
-                                 write_json)
+from benchmarks._harness import (ROW_BYTES, base_parser, memcpy, plot, print_table, progress, raw_all_to_all,
+                                 run_ranks, timed, write_json)
 
 FORMAT_KWARGS = {"bf16": dict(use_fp8=False), "fp8": dict(use_fp8=True), "int8": dict(use_fp8=False, quant_mode="int8")}
 
 
 def _bench(rank: int, world: int, args) -> list[dict]:
     from deep_ep_ops import Buffer
-    from deep_ep_ops.layout import chunk_caps
 
     group = dist.group.WORLD
-    buf = Buffer(group, low_latency_mode=True, timeout_s=600)
+    m = args.max_tokens
     configs = [(n, f) for n in args.tokens for f in args.formats]
     rows = []
     for i, (n, fmt) in enumerate(configs, 1):
-        if rank == 0:
-            progress(i, len(configs), f"{n} tokens, {fmt}")
         g = torch.Generator().manual_seed(1000 * n + rank)
         x = (torch.randn(n, args.hidden, generator=g) * 0.1).bfloat16()
         idx = torch.rand(n, args.num_experts, generator=g).topk(args.num_topk, dim=1).indices
         w = torch.rand(n, args.num_topk, generator=g)
         kw = FORMAT_KWARGS[fmt]
-        recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, n, args.num_experts, **kw)
-        y = torch.empty(handle[0].shape + (args.hidden,), dtype=torch.bfloat16)
         local = args.num_experts // world
         per_dest = torch.zeros(world, dtype=torch.int64).index_add_(
             0, idx.flatten() // local, torch.ones(idx.numel(), dtype=torch.int64))
         selections = torch.tensor([idx.numel()], dtype=torch.int64)
         dist.all_reduce(selections, op=dist.ReduceOp.MAX, group=group)
         row_bytes = ROW_BYTES[fmt](args.hidden)
-        row = comm_row(lambda: buf.low_latency_dispatch(x, idx, n, args.num_experts, **kw),
-                       lambda: buf.low_latency_combine(y, idx, w, handle), per_dest, row_bytes, args.hidden,
-                       int(selections), args.iters, args.warmup, group)
-        wire = sum(chunk_caps(world, n, args.num_topk, args.num_experts, 0))
-        rows.append({"tokens": n, "format": fmt, **row, "logical_MB": int(selections) * row_bytes / 1e6,
-                     "wire_MB": wire * (row_bytes + 8) / 1e6})
-        del recv_x, y
-    buf.destroy()
+        row = {"tokens": n, "M": m, "format": fmt}
+        for transport in args.transport:
+            if rank == 0:
+                progress(i, len(configs), f"{n} tokens, {fmt}, {transport}")
+            buf = Buffer(group, transport=transport, low_latency_mode=True, timeout_s=600,
+                         num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(m, args.hidden, world, args.num_experts))
+            _, _, handle, _, _ = buf.low_latency_dispatch(x, idx, m, args.num_experts, **kw)
+            y = torch.zeros(handle[0].shape + (args.hidden,), dtype=torch.bfloat16)
+            t_d = timed(lambda: buf.low_latency_dispatch(x, idx, m, args.num_experts, **kw), args, group)
+            t_c = timed(lambda: buf.low_latency_combine(y, idx, w, handle), args, group)
+            t_both = timed(lambda: buf.low_latency_combine(
+                y, idx, w, buf.low_latency_dispatch(x, idx, m, args.num_experts, **kw)[2]), args, group)
+            buf.destroy()
+            row.update({f"{transport}_dispatch_us": t_d["median_us"], f"{transport}_combine_us": t_c["median_us"],
+                        f"{transport}_us": t_both["median_us"], f"{transport}_p10_us": t_both["p10_us"],
+                        f"{transport}_p90_us": t_both["p90_us"]})
+        there, back = raw_all_to_all(per_dest, row_bytes, group), raw_all_to_all(per_dest, 2 * args.hidden, group)
+        a2a = timed(lambda: (there(), back()), args, group)["median_us"]
+        nbytes = int(per_dest.sum()) * (row_bytes + 2 * args.hidden)
+        row.update({"a2a_us": a2a, "memcpy_us": timed(memcpy(nbytes), args, group)["median_us"],
+                    "logical_MB": int(selections) * (row_bytes + 2 * args.hidden) / 1e6})
+        for transport in args.transport:
+            row[f"{transport}_x_a2a"] = a2a / row[f"{transport}_us"]
+        rows.append(row)
     return rows
 
 
 def main(argv=None) -> None:
     p = base_parser(__doc__.splitlines()[0])
-    p.set_defaults(iters=10, warmup=2)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 32, 64, 128])
+    p.set_defaults(iters=20, warmup=3)
+    p.add_argument("--max-tokens", type=int, default=128, help="num_max_dispatch_tokens_per_rank (default 128)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--formats", nargs="+", default=["bf16", "fp8", "int8"], choices=sorted(ROW_BYTES))
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--num-topk", type=int, default=8)
     p.add_argument("--num-experts", type=int, default=256)
     args = p.parse_args(argv)
     rows = run_ranks(args.ranks, _bench, args)
-    print_table(
-        f"low-latency, {args.ranks} gloo ranks, hidden {args.hidden}, top-{args.num_topk} of {args.num_experts} "
-        f"experts, M = tokens; µs (median, p10-p90, max over ranks); GB/s = rows per (token, expert) x wire bytes",
-        [("tokens", "tokens", "d"), ("format", "fmt", "s"), *COMM_COLUMNS, ("logical_MB", "logical MB", ".2f"),
-         ("wire_MB", "wire MB", ".2f")], rows)
+    columns = [("tokens", "tokens", "d"), ("M", "M", "d"), ("format", "fmt", "s")]
+    for t in args.transport:
+        columns += [(f"{t}_dispatch_us", f"{t} dispatch µs", ".0f"), (f"{t}_combine_us", "combine µs", ".0f"),
+                    (f"{t}_us", "both µs", ".0f"), (f"{t}_p10_us", "p10", ".0f"), (f"{t}_p90_us", "p90", ".0f"),
+                    (f"{t}_x_a2a", "x a2a", ".2f")]
+    columns += [("a2a_us", "a2a there+back µs", ".0f"), ("memcpy_us", "memcpy µs", ".0f"),
+                ("logical_MB", "logical MB", ".2f")]
+    title = (f"low-latency, {args.ranks} ranks, M {args.max_tokens}, hidden {args.hidden}, top-{args.num_topk} of "
+             f"{args.num_experts} experts; dispatch + combine µs (median, p10-p90, max over ranks)")
+    print_table(title, columns, rows)
+    series: dict[str, list] = {}
+    for r in rows:
+        if r["format"] == args.formats[0]:
+            for t in args.transport:
+                series.setdefault(f"{t} dispatch+combine", []).append((r["tokens"], r[f"{t}_us"]))
+            series.setdefault("baseline a2a there+back", []).append((r["tokens"], r["a2a_us"]))
+            series.setdefault("baseline memcpy", []).append((r["tokens"], r["memcpy_us"]))
+    plot(args.plot, title + f" ({args.formats[0]})", "tokens", "tokens sent per rank", "µs", series)
     write_json(args.json, {"benchmark": "low_latency", "config": vars(args), "rows": rows})
 
 

@@ -75,6 +75,139 @@ void scatter_rows(const at::Tensor& out, const at::Tensor& index, const at::Tens
   }
 }
 
+void permute_rows(const at::Tensor& out, const at::Tensor& out_index, const at::Tensor& rows,
+                  const at::Tensor& row_index) {
+  const RowLayout o = row_layout(out, "out"), r = row_layout(rows, "rows");
+  TORCH_CHECK(o.row_bytes == r.row_bytes, "deepep: expected rows of ", o.row_bytes, " bytes, got ", r.row_bytes);
+  TORCH_CHECK(out_index.numel() == row_index.numel(), "deepep: expected as many destinations as rows");
+  const auto oi = out_index.contiguous(), ri = row_index.contiguous();
+  const int64_t *to = oi.data_ptr<int64_t>(), *from = ri.data_ptr<int64_t>();
+  const char* src = static_cast<const char*>(rows.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  for (int64_t i = 0; i < oi.numel(); ++i) {
+    TORCH_CHECK(to[i] >= 0 && to[i] < o.rows && from[i] >= 0 && from[i] < r.rows, "deepep: row index out of range");
+    std::memcpy(dst + to[i] * o.stride_bytes, src + from[i] * r.stride_bytes, r.row_bytes);
+  }
+}
+
+// --- low-latency index arithmetic (deep_ep_ops/_ll_plan.py is the specification) ------------------------
+
+// The send plan: each distinct (token, expert) selection takes one row of its destination's chunk, rows of
+// a chunk ordered by (local expert, token); duplicate ids reuse their first slot's row; with shared-expert
+// ranks, every token also takes a row of shared rank (rank + t) % S.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ll_plan(const at::Tensor& topk_idx_t, int64_t num_experts,
+                                                                   int64_t num_ranks, int64_t rank, int64_t m,
+                                                                   int64_t num_shared) {
+  const auto topk_idx = topk_idx_t.contiguous();
+  const int64_t n = topk_idx.size(0), k = topk_idx.size(1), cols = k + (num_shared > 0 ? 1 : 0);
+  const int64_t local = num_experts / (num_ranks - num_shared), width = std::max<int64_t>(local, 1);
+  const int64_t routed_cap = m * std::min(k, local);
+  std::vector<int64_t> offset(num_ranks + 1, 0);
+  for (int64_t d = 0; d < num_ranks; ++d) offset[d + 1] = offset[d] + (d < num_shared ? m : routed_cap);
+  const int64_t total = offset[num_ranks];
+  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  auto opts = topk_idx.options();
+  at::Tensor slot = at::empty({n, cols}, opts), counts = at::zeros({num_ranks}, opts);
+  at::Tensor source = at::full({total}, n, opts), meta = at::full({total, 2}, -1, opts.dtype(at::kInt));
+  int64_t *sl = slot.data_ptr<int64_t>(), *cn = counts.data_ptr<int64_t>(), *src = source.data_ptr<int64_t>();
+  int32_t* mt = meta.data_ptr<int32_t>();
+  // dest * width + local of entry (t, j), or -1; a duplicate id points at its first slot (-2 - first).
+  std::vector<int64_t> key(n * cols), fill(num_ranks * width, 0), start(num_ranks * width, 0);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = idx[t * k + j];
+      int64_t first = j;
+      for (int64_t q = 0; q < j; ++q)
+        if (idx[t * k + q] == e) { first = q; break; }
+      const bool valid = e >= 0 && e < num_experts;  // out of range: the handshake fails every rank
+      key[t * cols + j] = !valid ? -1 : first != j ? -2 - first : (num_shared + e / local) * width + e % local;
+    }
+    if (num_shared) key[t * cols + k] = ((rank + t) % num_shared) * width;
+    for (int64_t j = 0; j < cols; ++j)
+      if (key[t * cols + j] >= 0) ++fill[key[t * cols + j]];
+  }
+  for (int64_t d = 0; d < num_ranks; ++d) {
+    int64_t at_row = offset[d];
+    for (int64_t l = 0; l < width; ++l) {
+      start[d * width + l] = at_row;
+      at_row += fill[d * width + l];
+      fill[d * width + l] = 0;
+    }
+    cn[d] = at_row - offset[d];
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t key_j = key[t * cols + j];
+      if (key_j < 0) {
+        sl[t * cols + j] = key_j == -1 ? total : sl[t * cols + (-2 - key_j)];
+        continue;
+      }
+      const int64_t row = start[key_j] + fill[key_j]++;
+      sl[t * cols + j] = row;
+      src[row] = t;
+      mt[2 * row] = static_cast<int32_t>(key_j % width);
+      mt[2 * row + 1] = static_cast<int32_t>(t);
+    }
+  }
+  return {slot, counts, source, meta};
+}
+
+// The expert side of a combine: each source's rows, in the order it sent them, as flat packed positions.
+at::Tensor ll_combine_rows(const at::Tensor& layout_range_t, int64_t cap, int64_t rows_per_expert) {
+  const auto layout_range = layout_range_t.contiguous();
+  const int64_t L = layout_range.size(0), num_ranks = layout_range.size(1);
+  const int64_t* lr = layout_range.data_ptr<int64_t>();
+  at::Tensor out = at::zeros({num_ranks, cap}, layout_range.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_ranks; ++s) {
+    int64_t j = 0;
+    for (int64_t e = 0; e < L; ++e) {
+      const int64_t begin = lr[e * num_ranks + s] >> 32, count = lr[e * num_ranks + s] & 0xFFFFFFFF;
+      for (int64_t i = 0; i < count && j < cap; ++i) o[s * cap + j++] = e * rows_per_expert + begin + i;
+    }
+  }
+  return out;
+}
+
+// The real received rows in packed order: by local expert, then source rank, then arrival.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ll_sort(const at::Tensor& meta, const at::Tensor& recv_counts_t,
+                                                       int64_t cap, int64_t num_local_experts, int64_t rows_per_expert) {
+  TORCH_CHECK(meta.dim() == 2 && meta.size(1) == 2 && meta.stride(1) == 1, "deepep: expected int32 [n, 2] meta");
+  const auto recv_counts = recv_counts_t.contiguous();
+  const int64_t num_ranks = recv_counts.size(0), stride = meta.stride(0), L = num_local_experts;
+  const int32_t* mt = meta.data_ptr<int32_t>();
+  const int64_t* rc = recv_counts.data_ptr<int64_t>();
+  auto opts = recv_counts.options();
+  at::Tensor counts = at::zeros({L, num_ranks}, opts);
+  int64_t* cn = counts.data_ptr<int64_t>();
+  auto expert_of = [&](int64_t row) -> int64_t { return mt[row * stride]; };
+  int64_t real = 0;
+  for (int64_t s = 0; s < num_ranks; ++s)
+    for (int64_t j = 0; j < rc[s]; ++j) {
+      const int64_t e = expert_of(s * cap + j);
+      if (e >= 0 && e < L) {
+        ++cn[e * num_ranks + s];
+        ++real;
+      }
+    }
+  std::vector<int64_t> start(L + 1, 0), fill(L, 0);
+  for (int64_t e = 0; e < L; ++e) {
+    start[e + 1] = start[e];
+    for (int64_t s = 0; s < num_ranks; ++s) start[e + 1] += cn[e * num_ranks + s];
+  }
+  at::Tensor order = at::empty({real}, opts), dest = at::empty({real}, opts);
+  int64_t *od = order.data_ptr<int64_t>(), *ds = dest.data_ptr<int64_t>();
+  for (int64_t s = 0; s < num_ranks; ++s)
+    for (int64_t j = 0; j < rc[s]; ++j) {
+      const int64_t row = s * cap + j, e = expert_of(row);
+      if (e < 0 || e >= L) continue;
+      const int64_t i = start[e] + fill[e];
+      od[i] = row;
+      ds[i] = e * rows_per_expert + fill[e]++;
+    }
+  return {order, dest, counts};
+}
+
 // --- fp32 accumulation ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -441,6 +574,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8(const at::Tensor& x, bool round_
 TORCH_LIBRARY_IMPL(deepep, CPU, m) {
   m.impl("_gather_rows", &deepep::gather_rows);
   m.impl("_scatter_rows", &deepep::scatter_rows);
+  m.impl("_permute_rows", &deepep::permute_rows);
+  m.impl("_ll_plan", &deepep::ll_plan);
+  m.impl("_ll_sort", &deepep::ll_sort);
+  m.impl("_ll_combine_rows", &deepep::ll_combine_rows);
   m.impl("_combine_reduce", &deepep::combine_reduce);
   m.impl("_weighted_reduce", &deepep::weighted_reduce);
   m.impl("_quantize_int8", &deepep::quantize_int8);

@@ -246,12 +246,13 @@ void write_chunk(char* dst, const char* rows, int64_t row_bytes, const int64_t* 
   }
 }
 
+// geometry: [slot_base, slot_bytes, header_bytes]; a slot holds header[d] (when given) then the rows.
 int64_t slots_send(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry, int64_t seq, const at::Tensor& rows,
                    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& patch,
-                   int64_t patch_offset, c10::IntArrayRef send_caps, c10::IntArrayRef counts, int64_t rank,
-                   const at::Tensor& sent_t, double budget_s) {
-  const int64_t base = geometry[0], slot_bytes = geometry[1], num_ranks = seg.size(), half = seq % 2;
-  const int64_t row_bytes = rows.size(1);
+                   int64_t patch_offset, const std::optional<at::Tensor>& header, c10::IntArrayRef send_caps,
+                   c10::IntArrayRef counts, int64_t rank, const at::Tensor& sent_t, double budget_s) {
+  const int64_t base = geometry[0], slot_bytes = geometry[1], header_bytes = geometry[2];
+  const int64_t num_ranks = seg.size(), half = seq % 2, row_bytes = rows.size(1);
   int64_t* sent = sent_t.data_ptr<int64_t>();
   const auto off = prefix(send_caps);
   Waiter waiter(budget_s);
@@ -264,10 +265,14 @@ int64_t slots_send(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry
         all = false;
         continue;
       }
-      write_chunk(bytes(seg[d]) + base + (rank * 2 + half) * slot_bytes, static_cast<const char*>(rows.data_ptr()),
-                  row_bytes, index ? index->data_ptr<int64_t>() : nullptr,
-                  patch ? static_cast<const char*>(patch->data_ptr()) : nullptr, patch ? patch->size(1) : 0,
-                  patch_offset, off[d], counts[d]);
+      char* slot = bytes(seg[d]) + base + (rank * 2 + half) * slot_bytes;
+      if (header.has_value())
+        std::memcpy(slot, header->data_ptr<int64_t>() + d * header->size(1), header->size(1) * 8);
+      if (counts[d] > 0)
+        write_chunk(slot + header_bytes, static_cast<const char*>(rows.data_ptr()), row_bytes,
+                    index ? index->data_ptr<int64_t>() : nullptr,
+                    patch ? static_cast<const char*>(patch->data_ptr()) : nullptr, patch ? patch->size(1) : 0,
+                    patch_offset, off[d], counts[d]);
       ctrl[1] = counts[d];
       publish(ctrl, seq);
       sent[d] = 1;
@@ -277,12 +282,15 @@ int64_t slots_send(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry
   }
 }
 
+// recv_counts[s]: -1 until source s is read; then its row count, or -1 + count for a negative count.
 int64_t slots_recv(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry, int64_t seq, const at::Tensor& rows,
                    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& patch,
-                   int64_t patch_offset, c10::IntArrayRef send_caps, c10::IntArrayRef counts, const at::Tensor& out_t,
-                   const at::Tensor& recv_counts_t, c10::IntArrayRef recv_caps, int64_t rank, double budget_s) {
-  const int64_t base = geometry[0], slot_bytes = geometry[1], num_ranks = seg.size(), half = seq % 2;
-  const int64_t row_bytes = out_t.size(1);
+                   int64_t patch_offset, const std::optional<at::Tensor>& header, c10::IntArrayRef send_caps,
+                   c10::IntArrayRef counts, const at::Tensor& out_t, const at::Tensor& recv_counts_t,
+                   const std::optional<at::Tensor>& recv_header, c10::IntArrayRef recv_caps, int64_t rank,
+                   double budget_s) {
+  const int64_t base = geometry[0], slot_bytes = geometry[1], header_bytes = geometry[2];
+  const int64_t num_ranks = seg.size(), half = seq % 2, row_bytes = out_t.size(1);
   int64_t* recv_counts = recv_counts_t.data_ptr<int64_t>();
   char* out = static_cast<char*>(out_t.data_ptr());
   const auto off = prefix(recv_caps), send_off = prefix(send_caps);
@@ -290,13 +298,16 @@ int64_t slots_recv(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry
   while (true) {
     bool all = true;
     for (int64_t s = 0; s < num_ranks; ++s) {
-      if (recv_counts[s] >= 0) continue;
+      if (recv_counts[s] != -1) continue;
+      int64_t* header_row = recv_header ? recv_header->data_ptr<int64_t>() + s * recv_header->size(1) : nullptr;
       if (s == rank) {
-        write_chunk(out + off[s] * row_bytes, static_cast<const char*>(rows.data_ptr()), row_bytes,
-                    index ? index->data_ptr<int64_t>() : nullptr,
-                    patch ? static_cast<const char*>(patch->data_ptr()) : nullptr, patch ? patch->size(1) : 0,
-                    patch_offset, send_off[rank], counts[rank]);
-        recv_counts[s] = counts[rank];
+        if (header_row) std::memcpy(header_row, header->data_ptr<int64_t>() + s * header->size(1), header->size(1) * 8);
+        if (counts[rank] > 0)
+          write_chunk(out + off[s] * row_bytes, static_cast<const char*>(rows.data_ptr()), row_bytes,
+                      index ? index->data_ptr<int64_t>() : nullptr,
+                      patch ? static_cast<const char*>(patch->data_ptr()) : nullptr, patch ? patch->size(1) : 0,
+                      patch_offset, send_off[rank], counts[rank]);
+        recv_counts[s] = counts[rank] >= 0 ? counts[rank] : -1 + counts[rank];
         continue;
       }
       int64_t* ctrl = stamp(seg[rank], s, half);
@@ -305,9 +316,14 @@ int64_t slots_recv(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry
         continue;
       }
       const int64_t n = ctrl[1];
-      std::memcpy(out + off[s] * row_bytes, bytes(seg[rank]) + base + (s * 2 + half) * slot_bytes, n * row_bytes);
+      const char* slot = bytes(seg[rank]) + base + (s * 2 + half) * slot_bytes;
+      if (header_row) std::memcpy(header_row, slot, recv_header->size(1) * 8);
+      // Never more than this rank has room for, whatever the sender claims: a sender that disagrees on the
+      // settings is reported by the header check, after this copy.
+      const int64_t fit = std::min({n, recv_caps[s], (slot_bytes - header_bytes) / std::max<int64_t>(row_bytes, 1)});
+      if (fit > 0) std::memcpy(out + off[s] * row_bytes, slot + header_bytes, fit * row_bytes);
       publish(ctrl + 8, seq);
-      recv_counts[s] = n;
+      recv_counts[s] = n >= 0 ? n : -1 + n;
     }
     if (all) return 1;
     if (waiter.idle()) return 0;

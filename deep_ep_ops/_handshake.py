@@ -93,12 +93,18 @@ def report_failure(ctx, op: str, seq: int, message: str, settings_type: type, de
     The message goes through the store, so the failing rank and its peers all raise the same text
     instead of the peers waiting for a rank that gave up.
     """
+    validate(ctx, op, seq, exchange(ctx, op, seq, failed_header(ctx, op, seq, message, settings_type, device)),
+             settings_type)
+
+
+def failed_header(ctx, op: str, seq: int, message: str, settings_type: type, device="cpu") -> torch.Tensor:
+    """The header of a rank whose local work failed: the message goes through the store, so that every rank
+    raises the same text."""
     store = _waits.store()
     if store is not None:
         store.set(_error_key(ctx, seq, ctx.rank), message)
     zeros = (0,) * len(settings_type._fields)
-    rows = header(ctx, op, seq, zeros, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
-    validate(ctx, op, seq, exchange(ctx, op, seq, rows), settings_type)
+    return header(ctx, op, seq, zeros, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
 
 
 def run_checks(ctx, op: str, seq: int, settings_type: type, device, prepare):
@@ -108,11 +114,11 @@ def run_checks(ctx, op: str, seq: int, settings_type: type, device, prepare):
     try:
         return prepare()
     except Exception as exc:  # noqa: BLE001  (whatever went wrong locally, the peers must hear of it)
-        report_failure(ctx, op, seq, _describe(op, exc), settings_type, device)
+        report_failure(ctx, op, seq, describe(op, exc), settings_type, device)
         raise  # reached only if no rank reported a failure, which cannot happen here
 
 
-def _describe(op: str, exc: Exception) -> str:
+def describe(op: str, exc: Exception) -> str:
     """The text peers see: a check's own message, else the exception named, since it is not one of ours."""
     text = str(exc)
     if isinstance(exc, RuntimeError) and text.startswith("deepep::"):

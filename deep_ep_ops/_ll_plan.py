@@ -87,28 +87,39 @@ def send_source(plan: Plan, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclasses.dataclass
 class ReceivedRows:
-    """Where a dispatch's received rows belong: ``expert`` per row (``L`` for a row that is not real),
-    ``counts [L, R]`` rows per (local expert, source rank), ``order`` the rows sorted by expert (stable, so in
-    (source rank, token) order within an expert) and ``pos`` each row's position within its expert."""
+    """Where a dispatch's received rows belong. ``rows`` are the rows looked at (indices into the received
+    buffer); per row of ``rows``: ``expert`` (``L`` for one that is not real) and ``pos``, its position within
+    its expert; ``order`` sorts ``rows`` by expert (stable, so in (source rank, token) order within an
+    expert); ``counts [L, R]`` real rows per (local expert, source rank)."""
 
+    rows: torch.Tensor
     expert: torch.Tensor
     counts: torch.Tensor
     order: torch.Tensor
     pos: torch.Tensor
 
 
-def sort_received(local_expert: torch.Tensor, recv_counts: torch.Tensor, cap: int, num_local_experts: int,
-                  num_ranks: int) -> ReceivedRows:
-    """Sorts the received chunks (``cap`` rows per source, the first ``recv_counts[s]`` real).
+def rows_to_sort(recv_counts: torch.Tensor, cap: int, num_ranks: int, compact: bool) -> torch.Tensor:
+    """The received rows to look at: only the real ones (``compact``, on CPU, where a data-dependent size
+    costs nothing and the cost then follows the tokens sent), else every row of every chunk (static)."""
+    if not compact:
+        return torch.arange(num_ranks * cap, device=recv_counts.device)
+    j = torch.arange(cap, device=recv_counts.device)
+    return (j < recv_counts.unsqueeze(1)).flatten().nonzero().flatten()
+
+
+def sort_received(local_expert: torch.Tensor, rows: torch.Tensor, recv_counts: torch.Tensor, cap: int,
+                  num_local_experts: int, num_ranks: int) -> ReceivedRows:
+    """Sorts received rows (``cap`` per source chunk, the first ``recv_counts[s]`` real).
 
     Args:
-        local_expert: int ``[R * cap]`` local expert id of each received row (anything past a chunk's count).
+        local_expert: int ``[n]`` local expert id of each of ``rows`` (anything for a row that is not real).
+        rows: int64 ``[n]`` indices into the received buffer (see :func:`rows_to_sort`).
         recv_counts: int64 ``[R]`` real rows in each source's chunk.
     """
-    device = local_expert.device
-    row = torch.arange(local_expert.shape[0], device=device)
-    source = row // cap
-    real = (row - source * cap < recv_counts[source]) & (local_expert >= 0) & (local_expert < num_local_experts)
+    device = rows.device
+    source = torch.div(rows, cap, rounding_mode="floor")
+    real = (rows - source * cap < recv_counts[source]) & (local_expert >= 0) & (local_expert < num_local_experts)
     expert = torch.where(real, local_expert.long(), num_local_experts)
     per_pair = torch.zeros((num_local_experts + 1) * num_ranks, dtype=torch.int64, device=device)
     per_pair.index_add_(0, expert * num_ranks + source, torch.ones_like(source))
@@ -116,8 +127,8 @@ def sort_received(local_expert: torch.Tensor, recv_counts: torch.Tensor, cap: in
     order = torch.argsort(expert, stable=True)
     per_expert = per_pair.sum(1)
     pos = torch.empty_like(order)
-    pos[order] = row - (torch.cumsum(per_expert, 0) - per_expert)[expert[order]]
-    return ReceivedRows(expert, per_pair[:num_local_experts], order, pos)
+    pos[order] = torch.arange(order.numel(), device=device) - (torch.cumsum(per_expert, 0) - per_expert)[expert[order]]
+    return ReceivedRows(rows, expert, per_pair[:num_local_experts], order, pos)
 
 
 def packed_positions(sorted_rows: ReceivedRows, num_local_experts: int, rows: int) -> torch.Tensor:

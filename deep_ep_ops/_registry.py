@@ -138,11 +138,12 @@ def impl(lib, name: str, kernel) -> None:
     backend whose :meth:`~deep_ep_ops.transports.Transport.override` returns a callable for the op runs
     that instead (a vendor op), with the same arguments."""
     op = name.split(".")[0]
-    signature = inspect.signature(kernel)
+    position = list(inspect.signature(kernel).parameters).index("group_name")
 
     def run(*args, **kwargs):
-        group_name = signature.bind(*args, **kwargs).arguments["group_name"]
-        vendor = get(group_name).transport.override(op)
+        group_name = args[position] if len(args) > position else kwargs["group_name"]
+        vendor = _GROUPS[group_name].transport.override(op) if group_name in _GROUPS else \
+            get(group_name).transport.override(op)
         return (kernel if vendor is None else vendor)(*args, **kwargs)
 
     lib.impl(name, run, "CompositeExplicitAutograd")

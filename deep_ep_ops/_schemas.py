@@ -106,7 +106,13 @@ lib.define("_gather_rows(Tensor rows, Tensor index) -> Tensor")
 lib.define("_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()")
 lib.define("_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? bias_0, Tensor? bias_1, "
            "ScalarType out_dtype) -> Tensor")
+lib.define("_permute_rows(Tensor(a!) out, Tensor out_index, Tensor rows, Tensor row_index) -> ()")
 lib.define("_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor")
+lib.define("_ll_plan(Tensor topk_idx, int num_experts, int num_ranks, int rank, int m, int num_shared) -> "
+           "(Tensor slot, Tensor counts, Tensor source, Tensor meta)")
+lib.define("_ll_combine_rows(Tensor layout_range, int cap, int rows_per_expert) -> Tensor")
+lib.define("_ll_sort(Tensor meta, Tensor recv_counts, int cap, int num_local_experts, int rows_per_expert) -> "
+           "(Tensor order, Tensor dest, Tensor counts)")
 lib.define("_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)")
 lib.define("_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)")
 
@@ -118,8 +124,8 @@ lib.define("_shm_ring_combine(Tensor(a!)[] segments, int[] geometry, Tensor(b!) 
            "Tensor rows, int[] send_counts, int[] recv_counts, Tensor token_in_rank, Tensor? bias_0, Tensor? bias_1, "
            "Tensor(d!) out, int rank, float budget_s) -> int")
 lib.define("_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
-           "Tensor? patch, int patch_offset, int[] send_caps, int[] counts, int rank, Tensor(b!) sent, "
-           "float budget_s) -> int")
+           "Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, int rank, "
+           "Tensor(b!) sent, float budget_s) -> int")
 lib.define("_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
-           "Tensor? patch, int patch_offset, int[] send_caps, int[] counts, Tensor(b!) out, Tensor(c!) recv_counts, "
-           "int[] recv_caps, int rank, float budget_s) -> int")
+           "Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, Tensor(b!) out, "
+           "Tensor(c!) recv_counts, Tensor(d!)? recv_header, int[] recv_caps, int rank, float budget_s) -> int")

@@ -52,6 +52,48 @@ class Kernels:
         """``out[index] = rows`` for a 2-D contiguous ``out`` and ``rows`` with as many bytes per row."""
         words(out).index_copy_(0, index, words(rows))
 
+    def permute_rows(self, out: torch.Tensor, out_index: torch.Tensor, rows: torch.Tensor,
+                     row_index: torch.Tensor) -> None:
+        """``out[out_index] = rows[row_index]`` (2-D, as many bytes per row), without building ``rows[row_index]``
+        in the C++ kernel."""
+        self.scatter_rows(out, out_index, self.gather_rows(rows, row_index))
+
+    def ll_plan(self, topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rank: int, m: int, num_shared: int):
+        """The low-latency send plan (``deep_ep_ops._ll_plan``): ``(slot [N, K (+1)], counts [R], source [total],
+        meta int32 [total, 2])`` — each selection's send row, the real rows per destination chunk, and for
+        every send row the token it copies (``N`` for padding) and its ``[local expert, token]`` (``-1``)."""
+        from . import _ll_plan
+
+        plan = _ll_plan.send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+        return (plan.slot, plan.counts, *_ll_plan.send_source(plan, topk_idx.shape[0]))
+
+    def ll_combine_rows(self, layout_range: torch.Tensor, cap: int, rows_per_expert: int) -> torch.Tensor:
+        """The expert side of a low-latency combine: for each source ``s``, the flat ``[L, rows_per_expert]``
+        positions of its rows in the order it sent them (local expert, then token), padded with 0 to ``cap``
+        (int64 ``[R, cap]``)."""
+        from . import _ll_plan
+
+        return _ll_plan.combine_send_rows(layout_range, cap, rows_per_expert)
+
+    def ll_sort(self, meta: torch.Tensor, recv_counts: torch.Tensor, cap: int, num_local_experts: int,
+                rows_per_expert: int):
+        """The real received rows of a low-latency dispatch in packed order: ``(order [n], dest [n], counts [L, R])``
+        — ``order`` the received rows sorted by (local expert, source rank, arrival), ``dest`` each one's flat
+        position in ``[L, rows_per_expert]``, ``counts`` rows per (local expert, source rank).
+
+        Args:
+            meta: int32 ``[R * cap, 2]`` ``[local expert, token]`` of every received row.
+            recv_counts: int64 ``[R]`` real rows in each source's chunk of ``cap`` rows.
+        """
+        from . import _ll_plan
+
+        num_ranks = recv_counts.shape[0]
+        rows = _ll_plan.rows_to_sort(recv_counts, cap, num_ranks, compact=True)
+        s = _ll_plan.sort_received(meta[rows, 0], rows, recv_counts, cap, num_local_experts, num_ranks)
+        n = int(s.counts.sum())
+        sort = s.order[:n]
+        return s.rows[sort], s.expert[sort] * rows_per_expert + s.pos[sort], s.counts
+
     def combine_reduce(self, rows: torch.Tensor, token: torch.Tensor, num_tokens: int,
                        bias_0: torch.Tensor | None = None, bias_1: torch.Tensor | None = None,
                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,21 +175,21 @@ class Kernels:
                                       bias_1, out.dtype))
         return 1
 
-    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, rank, sent,
-                   budget_s):
-        """Writes the real rows of a slot exchange into the peers' slots (see ``_shm_engine.slots_send``)."""
+    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps, counts, rank,
+                   sent, budget_s):
+        """Writes a slot exchange into the peers' slots (see ``_shm_engine.slots_send``)."""
         from .transports import _shm_engine
 
-        return _shm_engine.slots_send(segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts,
-                                      rank, sent, budget_s)
+        return _shm_engine.slots_send(segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps,
+                                      counts, rank, sent, budget_s)
 
-    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, out,
-                   recv_counts, recv_caps, rank, budget_s):
+    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps, counts, out,
+                   recv_counts, recv_header, recv_caps, rank, budget_s):
         """Reads a slot exchange out of this rank's slots (see ``_shm_engine.slots_recv``)."""
         from .transports import _shm_engine
 
-        return _shm_engine.slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts,
-                                      out, recv_counts, recv_caps, rank, budget_s)
+        return _shm_engine.slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps,
+                                      counts, out, recv_counts, recv_header, recv_caps, rank, budget_s)
 
 
 class NativeKernels(Kernels):
@@ -168,6 +210,18 @@ class NativeKernels(Kernels):
     def weighted_reduce(self, rows, slot, weights):
         return torch.ops.deepep._weighted_reduce(rows, slot, weights)
 
+    def permute_rows(self, out, out_index, rows, row_index):
+        torch.ops.deepep._permute_rows(out, out_index, dense(rows), row_index)
+
+    def ll_plan(self, topk_idx, num_experts, num_ranks, rank, m, num_shared):
+        return tuple(torch.ops.deepep._ll_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared))
+
+    def ll_sort(self, meta, recv_counts, cap, num_local_experts, rows_per_expert):
+        return tuple(torch.ops.deepep._ll_sort(meta, recv_counts, cap, num_local_experts, rows_per_expert))
+
+    def ll_combine_rows(self, layout_range, cap, rows_per_expert):
+        return torch.ops.deepep._ll_combine_rows(layout_range, cap, rows_per_expert)
+
     def quantize_int8(self, x, eps):
         return tuple(torch.ops.deepep._quantize_int8(x, eps))
 
@@ -183,15 +237,16 @@ class NativeKernels(Kernels):
         return torch.ops.deepep._shm_ring_combine(segments, geometry, mirror, cursor, rows, send_counts, recv_counts,
                                                   token_in_rank, bias_0, bias_1, out, rank, budget_s)
 
-    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, rank, sent,
-                   budget_s):
-        return torch.ops.deepep._shm_slots_send(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
-                                                counts, rank, sent, budget_s)
+    def slots_send(self, segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps, counts, rank,
+                   sent, budget_s):
+        return torch.ops.deepep._shm_slots_send(segments, geometry, seq, rows, index, patch, patch_offset, header,
+                                                send_caps, counts, rank, sent, budget_s)
 
-    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, send_caps, counts, out,
-                   recv_counts, recv_caps, rank, budget_s):
-        return torch.ops.deepep._shm_slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
-                                                counts, out, recv_counts, recv_caps, rank, budget_s)
+    def slots_recv(self, segments, geometry, seq, rows, index, patch, patch_offset, header, send_caps, counts, out,
+                   recv_counts, recv_header, recv_caps, rank, budget_s):
+        return torch.ops.deepep._shm_slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, header,
+                                                send_caps, counts, out, recv_counts, recv_header, recv_caps, rank,
+                                                budget_s)
 
 
 PYTHON = Kernels()
@@ -231,8 +286,8 @@ def _register() -> None:
     takes precedence over them on CPU (a direct registration beats CompositeExplicitAutograd)."""
     from ._schemas import lib
 
-    for name in ("gather_rows", "scatter_rows", "combine_reduce", "weighted_reduce", "quantize_int8",
-                 "quantize_fp8"):
+    for name in ("gather_rows", "scatter_rows", "permute_rows", "combine_reduce", "weighted_reduce",
+                 "quantize_int8", "quantize_fp8", "ll_plan", "ll_sort", "ll_combine_rows"):
         lib.impl(f"_{name}", getattr(PYTHON, name), "CompositeExplicitAutograd")
 
 

@@ -42,15 +42,15 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
         check=lambda: checks.check_fused(x, topk_idx, topk_weights, *weights, m, num_experts, num_ranks, rank,
                                          num_shared_expert_ranks, quant_mode),
         settings_type=FusedSettings, settings_tail=(int(gmm1_permuted_weight.shape[-1]), quant_mode))
-    recv, sorted_rows = low_latency.sorted_received(ctx, state, op)
+    # Each expert's rows in (source rank, token) order, as in the packed layout (indices into recv).
+    recv, order, _, counts, _ = low_latency.sorted_received(ctx, state, op, num_ranks * m)
     fmt = state.fmt
-    ep_recv_count = sorted_rows.counts.flatten().to(torch.int32)
-    order = sorted_rows.order  # each expert's rows in (source rank, token) order, as in the packed layout
+    ep_recv_count = counts.flatten().to(torch.int32)
     data = fmt.field_bytes(recv, "x")
     dtype = torch.int8 if quant_mode == 1 else x.dtype
     y = torch.empty(recv.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
     begin = 0
-    for i, count in enumerate(sorted_rows.counts.sum(1).tolist()):
+    for i, count in enumerate(counts.sum(1).tolist()):
         rows = order[begin:begin + count]
         begin += count
         if count:
@@ -60,11 +60,11 @@ def fused_deep_moe(x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permute
             ctx.kernels.scatter_rows(y, rows, y_i)
     # Combine half: the outputs are already in the order the sources expect them back, as many rows to
     # each source as it sent.
-    pending = ctx.transport.exchange_slots(y.view(torch.uint8), None, [state.cap] * num_ranks,
-                                           sorted_rows.counts.sum(0), state.plan.caps)
+    pending = ctx.transport.exchange_slots(y.view(torch.uint8), None, [state.cap] * num_ranks, counts.sum(0),
+                                           state.plan.caps)
     out = torch.empty(x.shape[0], x.shape[1], dtype=torch.bfloat16, device=x.device)
     low_latency.combine_recv(ctx, low_latency.CombineState(pending, state.plan, topk_weights, torch.bfloat16,
-                                                           state.seq), out)
+                                                           state.seq, FusedSettings), out)
     return out, ep_recv_count, _handshake.next_comm_seq(comm_seq, x)
 
 

@@ -94,19 +94,21 @@ def chunk_caps(num_ranks: int, m: int, num_topk: int, num_experts: int, num_shar
 
 
 def low_latency_dispatch_outputs(x: torch.Tensor, num_local_experts: int, num_ranks: int, m: int, fmt_name: str,
-                                 use_ue8m0: bool) -> tuple[torch.Tensor, ...]:
+                                 use_ue8m0: bool, empty=None) -> tuple[torch.Tensor, ...]:
     """``(packed_recv_x [L, R*M, H], packed_recv_x_scales, packed_recv_count [L], src_info [L, R*M],
-    layout_range [L, R])``, uninitialized."""
+    layout_range [L, R])``, uninitialized; ``empty(shape, dtype)`` allocates the first two (default
+    ``x.new_empty``)."""
     rows, hidden = num_ranks * m, x.shape[1]
+    empty = empty or (lambda shape, dtype: x.new_empty(shape, dtype=dtype))
     data_dtype = {"bf16": x.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[fmt_name]
     if fmt_name == "fp8":
-        scales = x.new_empty((num_local_experts, rows, hidden // (512 if use_ue8m0 else 128)),
-                             dtype=torch.int32 if use_ue8m0 else torch.float32)
+        scales = empty((num_local_experts, rows, hidden // (512 if use_ue8m0 else 128)),
+                       torch.int32 if use_ue8m0 else torch.float32)
     elif fmt_name == "int8":
-        scales = x.new_empty((num_local_experts, rows), dtype=torch.float32)
+        scales = empty((num_local_experts, rows), torch.float32)
     else:
         scales = x.new_empty((num_local_experts, rows, 0), dtype=torch.float32)
-    return (x.new_empty((num_local_experts, rows, hidden), dtype=data_dtype), scales,
+    return (empty((num_local_experts, rows, hidden), data_dtype), scales,
             x.new_empty((num_local_experts,), dtype=torch.int32),
             x.new_empty((num_local_experts, rows), dtype=torch.int32),
             x.new_empty((num_local_experts, num_ranks), dtype=torch.int64))

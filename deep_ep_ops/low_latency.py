@@ -21,7 +21,7 @@ import torch
 from meta_kernels import checks
 
 from . import _handshake, _registry, _waits, layout
-from ._ll_plan import Plan, combine_send_rows, packed_positions, send_plan, send_source, sort_received
+from ._ll_plan import Plan, packed_positions, rows_to_sort, sort_received
 from ._schemas import lib
 from ._wire import RowFormat, dense, dtype_code
 
@@ -33,14 +33,17 @@ LowLatencySettings = NamedTuple("LowLatencySettings", [*SETTINGS_HEAD, ("round_s
 
 
 def _agree(ctx, op: str, seq: int, settings: tuple, topk_idx: torch.Tensor, num_experts: int, device) -> None:
-    """The header exchange, validated on the device (no host sync, graph-capturable); expert ids out of
-    range fail every rank.
+    """The header exchange; expert ids out of range fail every rank.
 
-    The status words name the first bad id (token, slot, value) from device arithmetic alone. When the
-    device assertion fires on CPU, where it is synchronous, every rank reads the received rows back and
-    raises the same detailed error as the normal-mode ops; on accelerators the peers of a rank with bad
-    input raise the fixed message of the assertion.
+    On CPU it is validated on the host, where reading costs nothing, and every rank raises the same
+    detailed error. On accelerators it is validated on the device (no host sync, graph-capturable): the
+    status words name the first bad id (token, slot, value) from device arithmetic alone, and the peers of
+    a rank with bad input raise the fixed message of the assertion while that rank raises the detailed one.
     """
+    if not static_shapes(torch.device(device)):
+        status = _handshake.expert_id_status(topk_idx, num_experts)
+        _handshake.agree(ctx, op, seq, settings, status=status)
+        return
     rows = _handshake.header(ctx, op, seq, settings, device=device)
     if topk_idx.numel():
         bad = ((topk_idx < -1) | (topk_idx >= num_experts)).flatten()
@@ -50,12 +53,35 @@ def _agree(ctx, op: str, seq: int, settings: tuple, topk_idx: torch.Tensor, num_
                                                  first % k, topk_idx.flatten()[first]]))
     received = _handshake.exchange(ctx, op, seq, rows)
     what = ", ".join(type(settings)._fields[:5]) + " and the wire format (and topk_idx values in [-1, num_experts))"
+    _handshake.validate_on_device(received, rows[0], op, what)
+
+
+def _start(ctx, op: str, seq: int, settings_type: type, device, prepare, settings, topk_idx, num_experts: int,
+           exchange):
+    """The op's local work, the agreement with its peers, and the start of its slot exchange.
+
+    ``prepare()`` does the checks and the local work; ``settings()`` gives the settings every rank must agree
+    on; ``exchange(prepared, header)`` starts the exchange. On a backend whose slots carry the op's header
+    (one-sided, ``Transport.carries_headers``) the handshake travels with the rows, so no round trip comes
+    before them: a rank whose local work fails sends its failed header alone, then raises, and its peers raise
+    the same error when they read it (:func:`received`). Elsewhere the handshake runs first (:func:`_agree`),
+    since a two-sided exchange of mismatched sizes must never start.
+    """
+    if not ctx.transport.carries_headers:
+        prepared = _handshake.run_checks(ctx, op, seq, settings_type, device, prepare)
+        _agree(ctx, op, seq, settings(), topk_idx, num_experts, device)
+        return exchange(prepared, None)
     try:
-        _handshake.validate_on_device(received, rows[0], op, what)
-    except RuntimeError:
-        if torch.device(device).type == "cpu":
-            _handshake.validate(ctx, op, seq, received, type(settings))
-        raise
+        prepared = prepare()
+    except Exception as exc:  # noqa: BLE001  (whatever went wrong locally, the peers must hear of it)
+        message = _handshake.describe(op, exc)
+        header = _handshake.failed_header(ctx, op, seq, message, settings_type)
+        none = [0] * ctx.num_ranks
+        ctx.transport.exchange_slots(torch.empty(0, 8, dtype=torch.uint8), None, none,
+                                     torch.zeros(ctx.num_ranks, dtype=torch.int64), none, header=header)
+        raise RuntimeError(f"{message} (on rank {ctx.rank})") from exc
+    status = _handshake.expert_id_status(topk_idx, num_experts)
+    return exchange(prepared, _handshake.header(ctx, op, seq, settings(), status=status or _handshake.STATUS_OK))
 
 
 @dataclasses.dataclass
@@ -67,6 +93,7 @@ class DispatchState:
     seq: int
     expert_token_nums_type: int
     plan: Plan
+    settings_type: type
     received: tuple | None = None
 
 
@@ -99,65 +126,94 @@ def dispatch_send(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_
         if scales is not None:
             fields.append(("scales", scales.dtype, 1 if scales.dim() == 1 else scales.shape[1]))
         fmt = RowFormat(fields + [("meta", torch.int32, 2)])
-        plan = send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+        plan, source, meta = _plan(ctx, topk_idx, num_experts, num_ranks, rank, m, num_shared)
         n = x.shape[0]
         # One packed row per token plus an all-zero row for padding; the send buffer is then a single
         # gather through the plan, and only the per-slot meta differs between copies of a token.
         token_rows = torch.zeros(n + 1, fmt.row_bytes, dtype=torch.uint8, device=x.device)
         fmt.pack(n, x.device, out=token_rows[:n], x=data, **({"scales": scales} if scales is not None else {}))
-        source, meta = send_source(plan, n)
         return fmt, plan, token_rows, source, meta.view(torch.uint8)
 
-    fmt, plan, token_rows, source, meta = _handshake.run_checks(ctx, op, seq, settings_type, x.device, prepare)
-    tail = settings_tail or (int(round_scale), int(use_ue8m0))
-    settings = settings_type(m, num_experts, x.shape[1], topk_idx.shape[1], num_shared,
+    def settings():
+        tail = settings_tail or (int(round_scale), int(use_ue8m0))
+        return settings_type(m, num_experts, x.shape[1], topk_idx.shape[1], num_shared,
                              layout.WIRE_FORMATS.index(fmt_name), dtype_code(x.dtype), *tail)
-    _agree(ctx, op, seq, settings, topk_idx, num_experts, x.device)
-    num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
-    cap = plan.caps[rank]
-    pending = ctx.transport.exchange_slots(token_rows, source, plan.caps, plan.counts, [cap] * num_ranks, patch=meta,
-                                           patch_offset=fmt.fields["meta"][0])
-    return DispatchState(pending, fmt, num_local_experts, cap, seq, expert_token_nums_type, plan)
+
+    def exchange(prepared, header):
+        fmt, plan, token_rows, source, meta = prepared
+        cap = plan.caps[rank]
+        pending = ctx.transport.exchange_slots(token_rows, source, plan.caps, plan.counts, [cap] * num_ranks,
+                                               patch=meta, patch_offset=fmt.fields["meta"][0], header=header)
+        num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
+        return DispatchState(pending, fmt, num_local_experts, cap, seq, expert_token_nums_type, plan, settings_type)
+
+    return _start(ctx, op, seq, settings_type, x.device, prepare, settings, topk_idx, num_experts, exchange)
+
+
+def _plan(ctx, topk_idx, num_experts: int, num_ranks: int, rank: int, m: int, num_shared: int):
+    """``(Plan, source, meta)``: the send plan (see ``_ll_plan``) through the group's kernels."""
+    slot, counts, source, meta = ctx.kernels.ll_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+    caps = layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)
+    return Plan(slot, None, caps, sum(caps), counts), source, meta
 
 
 def received(ctx, state, op: str):
     """The exchanged ``(rows, recv_counts)`` of ``state``, waited for once (a receive half may run again,
     e.g. in opcheck)."""
     if state.received is None:
-        state.received = _waits.wait(ctx, state.pending, op, state.seq)
+        recv, recv_counts, recv_header = _waits.wait(ctx, state.pending, op, state.seq)
+        if recv_header is not None:  # the handshake came with the rows: check it before using them
+            _handshake.validate(ctx, op, state.seq, recv_header, state.settings_type)
+        state.received = recv, recv_counts
     return state.received
 
 
-def sorted_received(ctx, state: DispatchState, op: str):
-    """``(received rows, their ReceivedRows)`` of a dispatch."""
+def static_shapes(device: torch.device) -> bool:
+    """Whether a receive must keep every shape static (accelerators, for graph capture): then it handles every
+    row of every chunk, sending the ones that are not real to padding. On CPU it handles only the real rows,
+    so that its cost follows the tokens sent, not ``M``."""
+    return device.type != "cpu"
+
+
+def sorted_received(ctx, state: DispatchState, op: str, rows_per_expert: int):
+    """``(received rows, order, dest, counts [L, R], token)`` of a dispatch: received rows ``order[i]`` goes to
+    flat position ``dest[i]`` of ``[L, rows_per_expert]`` and came from source token ``token[i]`` (``-1`` for a
+    row that is not real); ``counts`` are the real rows per (local expert, source rank)."""
     recv, recv_counts = received(ctx, state, op)
-    expert = state.fmt.view(recv, "meta")[:, 0]
-    return recv, sort_received(expert, recv_counts, state.cap, state.num_local_experts, ctx.num_ranks)
+    meta = state.fmt.view(recv, "meta")
+    if not static_shapes(recv.device):
+        order, dest, counts = ctx.kernels.ll_sort(meta, recv_counts, state.cap, state.num_local_experts,
+                                                  rows_per_expert)
+        return recv, order, dest, counts, meta[:, 1].index_select(0, order)
+    rows = rows_to_sort(recv_counts, state.cap, ctx.num_ranks, compact=False)
+    s = sort_received(meta[:, 0], rows, recv_counts, state.cap, state.num_local_experts, ctx.num_ranks)
+    token = torch.where(s.expert < state.num_local_experts, meta[:, 1], -1)
+    return recv, rows, packed_positions(s, state.num_local_experts, rows_per_expert), s.counts, token
 
 
 def dispatch_recv(ctx, state: DispatchState, outputs) -> None:
-    """Waits for the exchange and fills ``outputs`` (see ``_shapes.low_latency_dispatch_outputs``)."""
+    """Waits for the exchange and fills ``outputs`` (see ``layout.low_latency_dispatch_outputs``)."""
     packed, packed_scales, count, src_info, layout_range = outputs
-    recv, sorted_rows = sorted_received(ctx, state, "low_latency_dispatch")
     fmt, num_local_experts, rows = state.fmt, state.num_local_experts, packed.shape[1]
-    dest = packed_positions(sorted_rows, num_local_experts, rows)
+    recv, order, dest, counts, token = sorted_received(ctx, state, "low_latency_dispatch", rows)
     # Byte-wise row copies: no float8 kernels needed, and word-sized moves are fast.
-    ctx.kernels.scatter_rows(packed.view(num_local_experts * rows, -1), dest, fmt.field_bytes(recv, "x"))
-    if "scales" in fmt.fields:
-        ctx.kernels.scatter_rows(packed_scales.view(num_local_experts * rows, -1), dest,
-                                 fmt.field_bytes(recv, "scales"))
+    for name, out in (("x", packed), ("scales", packed_scales)):
+        if name in fmt.fields:
+            ctx.kernels.permute_rows(out.view(num_local_experts * rows, -1), dest, fmt.field_bytes(recv, name), order)
     src_info.fill_(-1)
-    src_info.view(-1).index_copy_(0, dest, torch.where(sorted_rows.expert < num_local_experts,
-                                                       fmt.view(recv, "meta")[:, 1], -1))
-    counts = sorted_rows.counts
+    src_info.view(-1).index_copy_(0, dest, token)
     begin = torch.cumsum(counts, 1) - counts
     layout_range.copy_((begin << 32) | counts)
     count.copy_(layout.expert_counts_output(counts.sum(1).to(torch.int32), state.expert_token_nums_type))
 
 
-def _outputs(x, state: DispatchState, num_ranks: int, m: int, use_fp8: bool, quant_mode: str, use_ue8m0: bool):
+def _outputs(ctx, x, state: DispatchState, num_ranks: int, m: int, use_fp8: bool, quant_mode: str,
+             use_ue8m0: bool):
+    """The outputs of a dispatch; the large ones (``[L, R*M, H]``) from the output pool on CPU, so that
+    writing the received rows into them costs no page faults."""
     fmt_name = layout.wire_format(use_fp8, quant_mode)
-    return layout.low_latency_dispatch_outputs(x, state.num_local_experts, num_ranks, m, fmt_name, use_ue8m0)
+    empty = ctx.outputs.empty if x.device.type == "cpu" else None
+    return layout.low_latency_dispatch_outputs(x, state.num_local_experts, num_ranks, m, fmt_name, use_ue8m0, empty)
 
 
 def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
@@ -165,8 +221,9 @@ def low_latency_dispatch(x, topk_idx, num_max_dispatch_tokens_per_rank, num_expe
                          num_shared_expert_ranks=0, expert_token_nums_type=1, comm_seq=None):
     state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
                           use_fp8, round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
-    outputs = _outputs(x, state, num_ranks, num_max_dispatch_tokens_per_rank, use_fp8, quant_mode, use_ue8m0)
-    dispatch_recv(_registry.get(group_name), state, outputs)
+    ctx = _registry.get(group_name)
+    outputs = _outputs(ctx, x, state, num_ranks, num_max_dispatch_tokens_per_rank, use_fp8, quant_mode, use_ue8m0)
+    dispatch_recv(ctx, state, outputs)
     return (*outputs, _handshake.next_comm_seq(comm_seq, x))
 
 
@@ -177,6 +234,7 @@ class CombineState:
     topk_weights: torch.Tensor
     dtype: torch.dtype
     seq: int
+    settings_type: type = LowLatencySettings
     received: tuple | None = None
 
 
@@ -192,18 +250,22 @@ def combine_send(x, topk_idx, topk_weights, src_info, layout_range, m, num_exper
                                          num_ranks, rank, num_shared)
         num_local_experts, rows, hidden = x.shape
         cap = layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared)[rank]
-        positions = combine_send_rows(layout_range, cap, rows).flatten()
+        positions = ctx.kernels.ll_combine_rows(layout_range, cap, rows).flatten()
         send = dense(x).reshape(num_local_experts * rows, hidden).view(torch.uint8)
-        return cap, send, positions, send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
+        return cap, send, positions, _plan(ctx, topk_idx, num_experts, num_ranks, rank, m, num_shared)[0]
 
-    cap, send, positions, plan = _handshake.run_checks(ctx, op, seq, LowLatencySettings, x.device, prepare)
-    settings = LowLatencySettings(m, num_experts, x.shape[2], topk_idx.shape[1], num_shared, 0, dtype_code(x.dtype),
+    def settings():
+        return LowLatencySettings(m, num_experts, x.shape[2], topk_idx.shape[1], num_shared, 0, dtype_code(x.dtype),
                                   0, 0)
-    _agree(ctx, op, seq, settings, topk_idx, num_experts, x.device)
-    # Each source gets back as many rows as it sent here, in the order it sent them.
-    counts = (layout_range & 0xFFFFFFFF).sum(0)
-    pending = ctx.transport.exchange_slots(send, positions, [cap] * num_ranks, counts, plan.caps)
-    return CombineState(pending, plan, topk_weights, x.dtype, seq)
+
+    def exchange(prepared, header):
+        cap, send, positions, plan = prepared
+        # Each source gets back as many rows as it sent here, in the order it sent them.
+        counts = (layout_range & 0xFFFFFFFF).sum(0)
+        pending = ctx.transport.exchange_slots(send, positions, [cap] * num_ranks, counts, plan.caps, header=header)
+        return CombineState(pending, plan, topk_weights, x.dtype, seq)
+
+    return _start(ctx, op, seq, LowLatencySettings, x.device, prepare, settings, topk_idx, num_experts, exchange)
 
 
 def combine_recv(ctx, state: CombineState, out: torch.Tensor) -> None:
@@ -245,8 +307,9 @@ def low_latency_dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num
                               num_shared_expert_ranks=0, expert_token_nums_type=1, comm_seq=None):
     state = dispatch_send(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, group_name, num_ranks, rank,
                           use_fp8, round_scale, use_ue8m0, quant_mode, num_shared_expert_ranks, expert_token_nums_type)
-    outputs = _outputs(x, state, num_ranks, num_max_dispatch_tokens_per_rank, use_fp8, quant_mode, use_ue8m0)
-    return (*outputs, _hold(_registry.get(group_name), state), _handshake.next_comm_seq(comm_seq, x))
+    ctx = _registry.get(group_name)
+    outputs = _outputs(ctx, x, state, num_ranks, num_max_dispatch_tokens_per_rank, use_fp8, quant_mode, use_ue8m0)
+    return (*outputs, _hold(ctx, state), _handshake.next_comm_seq(comm_seq, x))
 
 
 def low_latency_dispatch_recv(packed_recv_x, packed_recv_x_scales, packed_recv_count, src_info, layout_range,

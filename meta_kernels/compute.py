@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from deep_ep_ops import layout
 from deep_ep_ops._schemas import lib
 
 
@@ -38,3 +39,28 @@ def _quantize_fp8(x, round_scale, use_ue8m0):
     scales = (x.new_empty((n, hidden // 512), dtype=torch.int32) if use_ue8m0
               else x.new_empty((n, hidden // 128), dtype=torch.float32))
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), scales
+
+
+@torch.library.register_fake("deepep::_permute_rows", lib=lib)
+def _permute_rows(out, out_index, rows, row_index):
+    return None
+
+
+@torch.library.register_fake("deepep::_ll_plan", lib=lib)
+def _ll_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared):
+    total = sum(layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared))
+    cols = topk_idx.shape[1] + (1 if num_shared else 0)
+    return (topk_idx.new_empty((topk_idx.shape[0], cols)), topk_idx.new_empty((num_ranks,)),
+            topk_idx.new_empty((total,)), topk_idx.new_empty((total, 2), dtype=torch.int32))
+
+
+@torch.library.register_fake("deepep::_ll_sort", lib=lib)
+def _ll_sort(meta, recv_counts, cap, num_local_experts, rows_per_expert):
+    n = torch.library.get_ctx().new_dynamic_size()  # the real rows: data dependent
+    return (recv_counts.new_empty((n,)), recv_counts.new_empty((n,)),
+            recv_counts.new_empty((num_local_experts, recv_counts.shape[0])))
+
+
+@torch.library.register_fake("deepep::_ll_combine_rows", lib=lib)
+def _ll_combine_rows(layout_range, cap, rows_per_expert):
+    return layout_range.new_empty((layout_range.shape[1], cap))

@@ -117,6 +117,12 @@ def _compute_samples() -> dict[str, list[tuple]]:
         "_combine_reduce.default": [(rows, token, 3, bias, None, torch.bfloat16), (rows.float(), token, 4, None,
                                                                                    None, torch.float32)],
         "_weighted_reduce.default": [(rows, slot, w), (rows, slot, w[:, :1])],
+        "_permute_rows.default": [(torch.zeros(6, 256).bfloat16(), index[:2], rows, index[2:])],
+        "_ll_plan.default": [(torch.tensor([[0, 5], [3, 3], [-1, 7]]), 8, 2, 0, 4, 0),
+                             (torch.tensor([[0, 5], [3, 3]]), 6, 4, 1, 2, 1)],
+        "_ll_sort.default": [(torch.tensor([[1, 0], [0, 1], [-1, -1], [0, 0], [1, 2], [0, 0]], dtype=torch.int32),
+                              torch.tensor([2, 1, 0]), 2, 2, 6)],
+        "_ll_combine_rows.default": [(torch.tensor([[2, (2 << 32) | 1], [1, 0]]), 4, 6)],
         "_quantize_int8.default": [(rows, 0.0), (rows.float(), 1e-12)],
         "_quantize_fp8.default": [(rows, False, False), (torch.randn(2, 512, generator=g), True, True)],
         **_shm_samples(),
@@ -130,7 +136,8 @@ def _shm_samples() -> dict[str, list[tuple]]:
     base, ring_bytes, slot_bytes = _shm_engine.ring_base(1), 1 << 16, 1 << 16
     rings = [torch.zeros(_shm_engine.ring_segment_bytes(1, ring_bytes), dtype=torch.uint8)]
     slots = [torch.zeros(_shm_engine.slot_segment_bytes(1, slot_bytes), dtype=torch.uint8)]
-    slot_geometry = [_shm_engine.slot_base(1), slot_bytes]
+    header = torch.arange(9, dtype=torch.int64).view(1, 9)
+    slot_geometry = [_shm_engine.slot_base(1), slot_bytes, 128]
     src = torch.arange(48, dtype=torch.uint8).view(3, 16)
     rows = torch.randn(3, 8)
     zeros = torch.zeros(2, dtype=torch.int64)
@@ -140,8 +147,9 @@ def _shm_samples() -> dict[str, list[tuple]]:
         "_shm_ring_combine.default": [(rings, [base, ring_bytes], zeros.clone(), torch.zeros(5, dtype=torch.int64),
                                        rows, [3], [3], torch.ones(3, 1, dtype=torch.bool), None, None,
                                        torch.empty(3, 8), 0, 1.0)],
-        "_shm_slots_send.default": [(slots, slot_geometry, 1, src, None, None, 0, [3], [2], 0,
+        "_shm_slots_send.default": [(slots, slot_geometry, 1, src, None, None, 0, header, [3], [2], 0,
                                      torch.zeros(1, dtype=torch.int64), 1.0)],
-        "_shm_slots_recv.default": [(slots, slot_geometry, 1, src, None, None, 0, [3], [2],
-                                     torch.empty(3, 16, dtype=torch.uint8), torch.full((1,), -1), [3], 0, 1.0)],
+        "_shm_slots_recv.default": [(slots, slot_geometry, 1, src, None, None, 0, header, [3], [2],
+                                     torch.empty(3, 16, dtype=torch.uint8), torch.full((1,), -1),
+                                     torch.empty_like(header), [3], 0, 1.0)],
     }

@@ -74,8 +74,16 @@ def portable(group1):
     b.destroy()
 
 
+@pytest.fixture
+def static_path(monkeypatch):
+    """The accelerators' code path (static shapes, device-side validation), taken on CPU."""
+    from deep_ep_ops import low_latency
+
+    monkeypatch.setattr(low_latency, "static_shapes", lambda device: True)
+
+
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_no_host_sync(portable, fmt):
+def test_no_host_sync(portable, static_path, fmt):
     group1 = portable
     x, idx, w = _inputs()
     with no_host_reads():
@@ -84,7 +92,7 @@ def test_no_host_sync(portable, fmt):
         torch.ops.deepep.low_latency_combine(y, idx, w, out[3], out[4], M, E, group1, 1, 0)
 
 
-def test_hook_halves_read_only_their_cpu_token(portable):
+def test_hook_halves_read_only_their_cpu_token(portable, static_path):
     """The receive halves look up their exchange by the token's value: a CPU [1] int64 tensor the send
     half made, never device data."""
     x, idx, w = _inputs()
@@ -194,7 +202,7 @@ def test_combine_errors(group1):
 
 def test_device_side_validation_message(group1):
     """On accelerators the handshake is validated on the device: a failed check or a mismatch on any rank
-    gives the fixed message (CPU additionally reads the rows back for the detailed one)."""
+    gives the fixed message (on CPU the rows are validated on the host, with the detailed one)."""
     from deep_ep_ops import _handshake, _registry
 
     ctx = _registry.get(group1)
@@ -205,3 +213,18 @@ def test_device_side_validation_message(group1):
         _handshake.validate_on_device(mine, mine[0], "low_latency_dispatch", "M")
     mine[0, 3] = 0
     _handshake.validate_on_device(mine, mine[0], "low_latency_dispatch", "M")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_static_shape_path_matches(portable, static_path, fmt):
+    """The receive path of accelerators (every row, the ones that are not real sent to padding: static
+    shapes for graph capture) gives the reference's valid rows too; CPU normally takes the compact path."""
+    x, idx, w = _inputs()
+    out = torch.ops.deepep.low_latency_dispatch(x, idx, M, E, portable, 1, 0, *FORMATS[fmt])
+    use_fp8, round_scale, use_ue8m0, quant_mode = FORMATS[fmt]
+    ref = reference.low_latency_dispatch([x], [idx], M, E, use_fp8=use_fp8, round_scale=round_scale,
+                                         use_ue8m0=use_ue8m0, quant_mode=quant_mode)[0]
+    assert torch.equal(out[2], ref.packed_recv_count) and torch.equal(out[4], ref.layout_range)
+    for i, n in enumerate(ref.packed_recv_count.tolist()):
+        assert torch.equal(out[0][i, :n].view(torch.uint8), ref.packed_recv_x[i, :n].view(torch.uint8))
+        assert torch.equal(out[3][i, :n], ref.src_info[i, :n])

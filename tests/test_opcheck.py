@@ -56,13 +56,17 @@ class TestSchemas(expecttest.TestCase):
         self.assertExpectedInline(text, """\
 deepep::_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? bias_0, Tensor? bias_1, ScalarType out_dtype) -> Tensor
 deepep::_gather_rows(Tensor rows, Tensor index) -> Tensor
+deepep::_ll_combine_rows(Tensor layout_range, int cap, int rows_per_expert) -> Tensor
+deepep::_ll_plan(Tensor topk_idx, int num_experts, int num_ranks, int rank, int m, int num_shared) -> (Tensor slot, Tensor counts, Tensor source, Tensor meta)
+deepep::_ll_sort(Tensor meta, Tensor recv_counts, int cap, int num_local_experts, int rows_per_expert) -> (Tensor order, Tensor dest, Tensor counts)
+deepep::_permute_rows(Tensor(a!) out, Tensor out_index, Tensor rows, Tensor row_index) -> ()
 deepep::_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)
 deepep::_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)
 deepep::_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()
 deepep::_shm_ring_combine(Tensor(a!)[] segments, int[] geometry, Tensor(b!) mirror, Tensor(c!) cursor, Tensor rows, int[] send_counts, int[] recv_counts, Tensor token_in_rank, Tensor? bias_0, Tensor? bias_1, Tensor(d!) out, int rank, float budget_s) -> int
 deepep::_shm_ring_copy(Tensor(a!)[] segments, int[] geometry, Tensor(b!) mirror, Tensor(c!) cursor, Tensor src, Tensor? index, int[] send_counts, Tensor(d!) out, int[] recv_counts, int rank, float budget_s) -> int
-deepep::_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, Tensor? patch, int patch_offset, int[] send_caps, int[] counts, Tensor(b!) out, Tensor(c!) recv_counts, int[] recv_caps, int rank, float budget_s) -> int
-deepep::_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, Tensor? patch, int patch_offset, int[] send_caps, int[] counts, int rank, Tensor(b!) sent, float budget_s) -> int
+deepep::_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, Tensor(b!) out, Tensor(c!) recv_counts, Tensor(d!)? recv_header, int[] recv_caps, int rank, float budget_s) -> int
+deepep::_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, int rank, Tensor(b!) sent, float budget_s) -> int
 deepep::_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor
 deepep::combine(Tensor x, Tensor[] handle, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, str group_name, int num_ranks, Tensor? comm_seq=None) -> (Tensor combined_x, Tensor combined_topk_weights, Tensor comm_seq_out)
 deepep::dispatch.cached(Tensor x, Tensor? x_scales, Tensor? topk_weights, Tensor[] handle, str group_name, int num_ranks, Tensor? comm_seq=None) -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights, Tensor comm_seq_out)

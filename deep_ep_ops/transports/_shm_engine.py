@@ -79,6 +79,11 @@ def _stamp(source: int, half: int) -> int:
     return 8 + CTRL_WORDS_PER_SOURCE * (2 * source + half)
 
 
+def slot_consumed(source: int, half: int) -> int:
+    """Word of the last exchange number read out of ``source``'s slot ``half`` (written by the receiver)."""
+    return _stamp(source, half) + 8
+
+
 def _yield(spins: int) -> int:
     if spins > 64:
         os.sched_yield()
@@ -170,16 +175,18 @@ def ring_copy(segments: list[torch.Tensor], geometry: list[int], mirror: torch.T
 
 
 def slots_send(segments: list[torch.Tensor], geometry: list[int], seq: int, rows: torch.Tensor,
-               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, send_caps: list[int],
-               counts: list[int], rank: int, sent: torch.Tensor, budget_s: float) -> int:
-    """Writes this rank's real rows of slot exchange ``seq`` into every peer's slots; 1 when all are sent.
+               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, header: torch.Tensor | None,
+               send_caps: list[int], counts: list[int], rank: int, sent: torch.Tensor, budget_s: float) -> int:
+    """Writes this rank's part of slot exchange ``seq`` into every peer's slots; 1 when all are sent.
 
     Outgoing chunk ``d`` holds ``send_caps[d]`` rows of which the first ``counts[d]`` are real; its row ``j``
     is ``rows[index[o_d + j]]`` (``rows[o_d + j]`` without ``index``), with ``patch[o_d + j]`` written over its
-    bytes from ``patch_offset`` when given. ``sent`` (int64 ``[R]``) marks the peers done so far; the
-    chunk for this rank itself is left to :func:`slots_recv`.
+    bytes from ``patch_offset`` when given. ``header[d]`` (int64 words) goes first in the slot, when given. A
+    negative ``counts[d]`` sends the header and that count only (the transport uses it to ask for bigger
+    slots). ``sent`` (int64 ``[R]``) marks the peers done so far; this rank's own chunk is left to
+    :func:`slots_recv`. ``geometry`` is ``[slot_base, slot_bytes, header_bytes]``.
     """
-    base, slot_bytes = geometry
+    base, slot_bytes, header_bytes = geometry
     num_ranks = len(segments)
     half = seq % 2
     deadline, spins = time.monotonic() + budget_s, 0
@@ -191,11 +198,13 @@ def slots_send(segments: list[torch.Tensor], geometry: list[int], seq: int, rows
             word = _stamp(rank, half)
             if int(ctrl[word + 8]) < seq - 2:  # the receiver has not read what this half held before
                 continue
-            o, n = sum(send_caps[:d]), counts[d]
-            chunk = _chunk_rows(rows, index, patch, patch_offset, o, n)
             offset = base + (rank * 2 + half) * slot_bytes
-            segments[d][offset:offset + chunk.numel()].copy_(chunk.flatten())
-            ctrl[word + 1] = n
+            if header is not None:
+                segments[d][offset:offset + header.shape[1] * 8].copy_(header[d].view(torch.uint8))
+            if counts[d] > 0:
+                chunk = _chunk_rows(rows, index, patch, patch_offset, sum(send_caps[:d]), counts[d])
+                segments[d][offset + header_bytes:offset + header_bytes + chunk.numel()].copy_(chunk.flatten())
+            ctrl[word + 1] = counts[d]
             ctrl[word] = seq
             sent[d] = 1
         if all(int(sent[d]) or d == rank for d in range(num_ranks)):
@@ -213,36 +222,47 @@ def _chunk_rows(rows, index, patch, patch_offset: int, first: int, n: int) -> to
 
 
 def slots_recv(segments: list[torch.Tensor], geometry: list[int], seq: int, rows: torch.Tensor,
-               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, send_caps: list[int],
-               counts: list[int], out: torch.Tensor, recv_counts: torch.Tensor, recv_caps: list[int], rank: int,
-               budget_s: float) -> int:
-    """Reads slot exchange ``seq`` from every source into ``out`` (``recv_caps`` rows per source, the first
-    ``recv_counts[s]`` real, the rest left as they were); this rank's own chunk comes straight from ``rows``.
-    ``recv_counts[s]`` is ``-1`` until source ``s`` is read."""
-    base, slot_bytes = geometry
+               index: torch.Tensor | None, patch: torch.Tensor | None, patch_offset: int, header: torch.Tensor | None,
+               send_caps: list[int], counts: list[int], out: torch.Tensor, recv_counts: torch.Tensor,
+               recv_header: torch.Tensor | None, recv_caps: list[int], rank: int, budget_s: float) -> int:
+    """Reads slot exchange ``seq`` from every source: rows into ``out`` (``recv_caps`` rows per source, the
+    first ``recv_counts[s]`` real, the rest left as they were) and headers into ``recv_header``; this rank's
+    own part comes straight from ``rows`` and ``header``. ``recv_counts[s]`` is ``-1`` until source ``s`` is
+    read (``-1 - n`` for a source that sent a header and count ``-n`` only)."""
+    base, slot_bytes, header_bytes = geometry
     num_ranks, row_bytes = len(segments), out.shape[1]
     half = seq % 2
     mine = segments[rank][:base].view(torch.int64)
     deadline, spins = time.monotonic() + budget_s, 0
     while True:
         for s in range(num_ranks):
-            if int(recv_counts[s]) >= 0:
+            if int(recv_counts[s]) != -1:
                 continue
             o = sum(recv_caps[:s])
             if s == rank:
                 n = counts[rank]
-                out[o:o + n] = _chunk_rows(rows, index, patch, patch_offset, sum(send_caps[:rank]), n)
-                recv_counts[s] = n
+                if recv_header is not None:
+                    recv_header[s] = header[s]
+                if n > 0:
+                    out[o:o + n] = _chunk_rows(rows, index, patch, patch_offset, sum(send_caps[:rank]), n)
+                recv_counts[s] = n if n >= 0 else -1 + n
                 continue
             word = _stamp(s, half)
             if int(mine[word]) != seq:
                 continue
             n = int(mine[word + 1])
             offset = base + (s * 2 + half) * slot_bytes
-            out[o:o + n] = segments[rank][offset:offset + n * row_bytes].view(n, row_bytes)
+            if recv_header is not None:
+                recv_header[s] = segments[rank][offset:offset + recv_header.shape[1] * 8].view(torch.int64)
+            # Never more than this rank has room for, whatever the sender claims: a sender that disagrees on
+            # the settings is reported by the header check, after this copy.
+            fit = min(n, recv_caps[s], (slot_bytes - header_bytes) // max(row_bytes, 1))
+            if fit > 0:
+                out[o:o + fit] = segments[rank][offset + header_bytes:offset + header_bytes + fit * row_bytes].view(
+                    fit, row_bytes)
             mine[word + 8] = seq
-            recv_counts[s] = n
-        if bool((recv_counts >= 0).all()):
+            recv_counts[s] = n if n >= 0 else -1 + n
+        if bool((recv_counts != -1).all()):
             return 1
         if time.monotonic() >= deadline:
             return 0

@@ -75,6 +75,9 @@ class Transport:
     """Base class of the backends (see the module docstring). ``name`` is the registry name."""
 
     name = "?"
+    #: Whether :meth:`exchange_slots` carries the op's header safely without an agreement before it (a
+    #: one-sided backend, where rows of a rank that disagrees can land nowhere they should not).
+    carries_headers = False
 
     def __init__(self, ctx):
         """``ctx`` is the group's context (``deep_ep_ops._registry.GroupContext``): group, topology, kernels,
@@ -139,13 +142,14 @@ class Transport:
 
     def exchange_slots(self, rows: torch.Tensor, index: torch.Tensor | None, send_caps: list[int],
                        counts: torch.Tensor, recv_caps: list[int], patch: torch.Tensor | None = None,
-                       patch_offset: int = 0) -> Pending:
+                       patch_offset: int = 0, header: torch.Tensor | None = None) -> Pending:
         """Chunk ``r`` of the send buffer (``send_caps[r]`` rows) goes to rank ``r``; only its first
-        ``counts[r]`` rows are real.
+        ``counts[r]`` rows are real. ``header[r]`` goes along with it.
 
         The send buffer is described, not built: its row ``j`` is ``rows[index[j]]`` (``rows[j]`` without
         ``index``), bytes ``[patch_offset, …)`` of it replaced by ``patch[j]`` when given. A one-sided backend
-        copies only the real rows, straight into the destination.
+        copies only the real rows, straight into the destination. The op's handshake travels in ``header``,
+        so that the exchange needs no round trip of its own before it.
 
         Args:
             rows: ``[n, B]`` uint8.
@@ -153,19 +157,23 @@ class Transport:
             counts: int64 ``[R]`` on ``rows``' device (never read on the host here, so graphs can capture it).
             recv_caps: the capacity of the chunk each rank sends here.
             patch: uint8 ``[sum(send_caps), P]``.
+            header: int64 ``[R, W]``, the same ``W`` on every rank, or ``None``.
 
         Returns:
-            A pending whose result is ``(recv [sum(recv_caps), B], recv_counts int64 [R])``; rows of chunk
-            ``s`` past ``recv_counts[s]`` are undefined.
+            A pending whose result is ``(recv [sum(recv_caps), B], recv_counts int64 [R], recv_header [R, W] or
+            None)``; rows of chunk ``s`` past ``recv_counts[s]`` are undefined.
         """
         send = rows if index is None else self.kernels.gather_rows(rows, index)
         if patch is not None:
             send = send.clone() if index is None else send
             send[:, patch_offset:patch_offset + patch.shape[1]] = patch
         ones = [1] * self.num_ranks
-        rows = self.all_to_all(send, send_caps, recv_caps)
-        sizes = self.all_to_all(counts.view(-1, 1).to(torch.int64), ones, ones)
-        return Done(None, (rows, sizes), lambda: (rows.result(), sizes.result().view(-1)))
+        pendings = [self.all_to_all(send, send_caps, recv_caps), self.all_to_all(counts.view(-1, 1).to(torch.int64),
+                                                                               ones, ones)]
+        if header is not None:
+            pendings.append(self.all_to_all(header, ones, ones))
+        return Done(None, tuple(pendings), lambda: (pendings[0].result(), pendings[1].result().view(-1),
+                                                    pendings[2].result() if header is not None else None))
 
     # --- level 4: whole op ----------------------------------------------------------------------------
 

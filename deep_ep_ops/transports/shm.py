@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import _waits, compute
 from .._wire import dense
-from . import _segments, _shm_engine
+from . import _segments, _shm_engine, _shm_slots
 from .base import Done, Transport
 
 #: Ring bytes per source when ``num_nvl_bytes`` is 0: small enough to stay in cache, big enough for bursts.
@@ -136,6 +136,7 @@ class ShmTransport(Transport):
     """Shared-memory rings and slots between the ranks of one host."""
 
     name = "shm"
+    carries_headers = True
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -146,14 +147,12 @@ class ShmTransport(Transport):
         self.ring_bytes = DEFAULT_RING_BYTES
         if ctx.num_nvl_bytes:
             self.ring_bytes = (ctx.num_nvl_bytes - _shm_engine.ring_base(self.num_ranks)) // self.num_ranks // 64 * 64
-        self._rings = self._map("n", _shm_engine.ring_segment_bytes(self.num_ranks, max(self.ring_bytes, 0)), 0,
-                                via_bootstrap=True)
+        self._rings = self.map_segments("n", _shm_engine.ring_segment_bytes(self.num_ranks, max(self.ring_bytes, 0)),
+                                        0, via_bootstrap=True)
         self._ring_geometry = [_shm_engine.ring_base(self.num_ranks), self.ring_bytes]
         self._mirror = torch.zeros(2 * self.num_ranks, dtype=torch.int64)
         self._queue: list[_Exchange] = []
-        self._slots: list | None = None
-        self._slot_bytes, self._slot_generation, self._slot_seq = 0, 0, 0
-        self._slot_pending: list[_Exchange] = []
+        self._slots = _shm_slots.Slots(self)
         self._blocks = _OutputBlocks(self)
         self._direct_seq = 0
 
@@ -165,12 +164,15 @@ class ShmTransport(Transport):
         rows = mine.expand(self.num_ranks, -1).contiguous()
         return _waits.wait(self.ctx, self.ctx.transport.all_to_all(rows, ones, ones), "Buffer", 0)
 
-    def _map(self, kind: str, size: int, generation: int, via_bootstrap: bool) -> list:
-        """Creates this rank's segment, maps every peer's, waits until all are mapped, then unlinks the name."""
+    def map_segments(self, kind: str, size: int, generation: int, via_bootstrap: bool = False, init=None) -> list:
+        """Creates this rank's segment (``init(tensor)`` fills it before any peer may look), maps every peer's,
+        waits until all are mapped, then unlinks the name."""
         names = [_segments.name(pid, self.run, r, kind, generation) for r, pid in enumerate(self.pids)]
         segments: list = [None] * self.num_ranks
         try:
             segments[self.rank] = _segments.Segment(names[self.rank], size, create=True)
+            if init is not None:
+                init(segments[self.rank].tensor)
             for r in range(self.num_ranks):
                 if r != self.rank:
                     segments[r] = _segments.Segment(names[r], size, create=False, timeout_s=self.ctx.timeout_s,
@@ -188,11 +190,10 @@ class ShmTransport(Transport):
 
     def close(self) -> None:
         self._blocks.close()
-        for group in (self._rings, self._slots or []):
-            for segment in group:
-                if segment is not None:
-                    segment.close()
-        self._rings, self._slots = [], None
+        self._slots.close()
+        for segment in self._rings:
+            segment.close()
+        self._rings = []
 
     # --- driving ---------------------------------------------------------------------------------------
 
@@ -201,14 +202,14 @@ class ShmTransport(Transport):
         while not exchange.done:
             head = self._queue[0] if self._queue and exchange in self._queue else exchange
             if not head.step(timeout_s):
-                self._check_peers()
+                self.check_peers()
                 return False
             head.done = True
             if head in self._queue:
                 self._queue.remove(head)
         return True
 
-    def _check_peers(self) -> None:
+    def check_peers(self) -> None:
         for r, pid in enumerate(self.pids):
             if r != self.rank and not _segments._alive(pid):
                 raise RuntimeError(f"rank {r} (pid {pid}) exited while this rank was waiting for it in shared "
@@ -313,60 +314,7 @@ class ShmTransport(Transport):
 
         return self._enqueue(step, out)
 
-    # --- level 3: slots -----------------------------------------------------------------------------------
+    # --- level 3: slots (see _shm_slots) --------------------------------------------------------------------
 
-    def _ensure_slots(self, slot_bytes: int) -> None:
-        """Slots of at least ``slot_bytes`` per (source, half); every rank decides the same, at the same call."""
-        if slot_bytes <= self._slot_bytes:
-            return
-        fixed = self.ctx.num_rdma_bytes
-        if fixed:
-            available = (fixed - _shm_engine.slot_base(self.num_ranks)) // (2 * self.num_ranks) // 64 * 64
-            if slot_bytes > available:
-                need = _shm_engine.slot_segment_bytes(self.num_ranks, (slot_bytes + 63) // 64 * 64)
-                raise RuntimeError(f"deepep: expected num_rdma_bytes >= {need} (slots for this exchange), got {fixed}")
-            slot_bytes = available
-        else:
-            slot_bytes = max(2 * slot_bytes, 1 << 20) // 64 * 64
-        for pending in self._slot_pending:  # their data sits in the slots about to be replaced
-            _waits.wait(self.ctx, pending, "shm resize", 0)
-        old = self._slots
-        self._slot_generation += 1
-        self._slots = self._map("l", _shm_engine.slot_segment_bytes(self.num_ranks, slot_bytes), self._slot_generation,
-                                via_bootstrap=False)
-        self._slot_bytes = slot_bytes
-        for segment in old or []:
-            segment.close()
-
-    def exchange_slots(self, rows, index, send_caps, counts, recv_caps, patch=None, patch_offset=0):
-        row_bytes = rows.shape[1]
-        self._ensure_slots(max(max(send_caps), max(recv_caps)) * row_bytes)
-        self._slot_seq += 1
-        seq, counts = self._slot_seq, counts.tolist()
-        # At most two exchanges in flight (the two halves): one that used this half before must be read out
-        # first, even if nobody asks for it any more (a receive hook that is never called).
-        for pending in self._slot_pending:
-            if pending.seq <= seq - 2 and not pending.done:
-                _waits.wait(self.ctx, pending, "shm slots", seq - 2)
-        self._slot_pending = [p for p in self._slot_pending if not p.done]
-        out = torch.empty(sum(recv_caps), row_bytes, dtype=torch.uint8)
-        recv_counts = torch.full((self.num_ranks,), -1, dtype=torch.int64)
-        sent = torch.zeros(self.num_ranks, dtype=torch.int64)
-        segments, geometry = self._segments(self._slots), [_shm_engine.slot_base(self.num_ranks), self._slot_bytes]
-        rows = dense(rows).contiguous()
-        state = {"sent": False}
-
-        def step(budget_s: float) -> bool:
-            if not state["sent"]:
-                state["sent"] = bool(self.kernels.slots_send(segments, geometry, seq, rows, index, patch, patch_offset,
-                                                             send_caps, counts, self.rank, sent, budget_s))
-                if not state["sent"]:
-                    return False
-            return bool(self.kernels.slots_recv(segments, geometry, seq, rows, index, patch, patch_offset, send_caps,
-                                                counts, out, recv_counts, recv_caps, self.rank, budget_s))
-
-        exchange = _Exchange(self, step, lambda: (out, recv_counts))
-        exchange.seq = seq
-        step(0.0)  # send now, so that peers can receive while this rank goes on (the receive hooks)
-        self._slot_pending.append(exchange)
-        return exchange
+    def exchange_slots(self, rows, index, send_caps, counts, recv_caps, patch=None, patch_offset=0, header=None):
+        return self._slots.exchange(rows, index, send_caps, counts, recv_caps, patch, patch_offset, header)
