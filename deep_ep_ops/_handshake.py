@@ -138,11 +138,12 @@ def expert_out_of_range(op: str, num_experts, token: int, slot: int, value: int)
 
 def expert_id_status(topk_idx: torch.Tensor | None, num_experts: int) -> tuple[int, int, int, int] | None:
     """The handshake status of ``topk_idx`` with ids outside ``[-1, num_experts)`` (``None`` when all are valid)."""
-    if topk_idx is None:
+    if topk_idx is None or topk_idx.numel() == 0:
+        return None
+    low, high = torch.aminmax(topk_idx)
+    if int(low) >= -1 and int(high) < num_experts:  # the common case: one pass, two reads
         return None
     bad = (topk_idx < -1) | (topk_idx >= num_experts)
-    if not bool(bad.any()):
-        return None
     t, k = (int(i) for i in bad.nonzero()[0])
     return STATUS_EXPERT_OUT_OF_RANGE, t, k, int(topk_idx[t, k])
 

@@ -53,8 +53,9 @@ class OutputPool:
         nbytes = numel * dtype.itemsize
         if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
-        self._reclaim()
         size = 1 << (nbytes - 1).bit_length()
+        if not self._free.get(size):
+            self._reclaim()
         free = self._free.get(size)
         if free:
             block = free.pop()

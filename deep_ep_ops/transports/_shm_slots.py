@@ -62,9 +62,9 @@ class SlotExchange:
                             self.patch_offset, self.header, self.send_caps, self.counts, self.out, self.recv_counts,
                             self.recv_header, self.recv_caps, t.rank, budget_s):
             return False
-        needs = [-1 - int(c) for c in self.recv_counts if c < -1]
-        if needs:  # some rank's rows did not fit: every rank saw the same requests
-            self.slots.grow(max(needs), self)
+        smallest = int(self.recv_counts.min())
+        if smallest < -1:  # some rank's rows did not fit: every rank saw the same requests (-1 - need)
+            self.slots.grow(-1 - smallest, self)
             self._start()
             return False
         return True
