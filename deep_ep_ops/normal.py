@@ -24,6 +24,7 @@ from meta_kernels import checks
 from . import _handshake, _registry, _waits, layout
 from ._schemas import lib
 from ._wire import RowFormat, dtype_code
+from .transports.base import Route
 
 
 class DispatchSettings(NamedTuple):
@@ -74,12 +75,10 @@ def _meta_rows(num_tokens: int, device, **fields: torch.Tensor | None) -> tuple[
     return fmt, fmt.pack(num_tokens, device, **given)
 
 
-def _exchange(group_ctx, op: str, seq: int, payload: torch.Tensor, meta: torch.Tensor | None,
-              is_token_in_rank: torch.Tensor, send_counts, recv_counts):
+def _exchange(group_ctx, op: str, seq: int, payload: torch.Tensor, meta: torch.Tensor | None, route: Route):
     """Payload and metadata rows through the backend's tokens level, both in flight together."""
-    sends, recvs = send_counts.tolist(), recv_counts.tolist()
-    pending = group_ctx.transport.dispatch_tokens(payload, is_token_in_rank, sends, recvs)
-    meta_pending = None if meta is None else group_ctx.transport.dispatch_tokens(meta, is_token_in_rank, sends, recvs)
+    pending = group_ctx.transport.dispatch_tokens(payload, route)
+    meta_pending = None if meta is None else group_ctx.transport.dispatch_tokens(meta, route)
     received = _waits.wait(group_ctx, pending, op, seq)
     return received, None if meta_pending is None else _waits.wait(group_ctx, meta_pending, op, seq)
 
@@ -147,7 +146,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
         r = int((recv_totals > num_worst_tokens).nonzero()[0])
         raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
                            f"per rank, got {int(recv_totals[r])} on rank {r}")
-    recv, recv_meta = _exchange(group_ctx, op, seq, data, meta, is_token_in_rank, send_counts, matrix[:, rank])
+    recv, recv_meta = _exchange(group_ctx, op, seq, data, meta, Route(is_token_in_rank, matrix, rank))
 
     n = recv.shape[0]
     total = max(n, num_worst_tokens)
@@ -216,7 +215,7 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, co
     send_counts = is_token_in_rank.sum(0)
     matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts,
                               expect_counts=expect, device=x.device)
-    recv, recv_meta = _exchange(group_ctx, op, seq, x, meta, is_token_in_rank, send_counts, matrix[:, rank])
+    recv, recv_meta = _exchange(group_ctx, op, seq, x, meta, Route(is_token_in_rank, matrix, rank))
     total = recv_src_idx.shape[0]
     recv_x_scales = (_padded(fmt.view(recv_meta, "scales"), total, 0) if x_scales is not None
                      else x.new_empty((total, 0), dtype=torch.float32))
@@ -242,10 +241,12 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm
     back = is_token_in_rank.sum(0)
     matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=per_source, expect_counts=back,
                               device=x.device)
-    sends, recvs = per_source.tolist(), matrix[:, rank].tolist()
-    pending = group_ctx.transport.combine_tokens(x[:valid], is_token_in_rank, sends, recvs, (bias_0, bias_1))
+    # The dispatch's whole traffic matrix (its handle holds the prefix sums over sources).
+    dispatched = rank_prefix_matrix.long().diff(dim=0, prepend=rank_prefix_matrix.new_zeros(1, num_ranks).long())
+    route = Route(is_token_in_rank, dispatched, rank, handle[3][:valid])
+    pending = group_ctx.transport.combine_tokens(x[:valid], route, (bias_0, bias_1))
     weights_pending = None if topk_weights is None else group_ctx.transport.combine_tokens(
-        topk_weights[:valid], is_token_in_rank, sends, recvs, out_dtype=torch.float32)
+        topk_weights[:valid], route, out_dtype=torch.float32)
     combined = _waits.wait(group_ctx, pending, op, seq)
     combined_w = (x.new_empty((is_token_in_rank.shape[0], 0), dtype=torch.float32) if weights_pending is None
                   else _waits.wait(group_ctx, weights_pending, op, seq))

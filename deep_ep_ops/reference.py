@@ -188,13 +188,18 @@ def cached_dispatch(x: list[torch.Tensor], dispatched: list[Dispatched], *,
 
 
 def combine(x: list[torch.Tensor], dispatched: list[Dispatched], *, topk_weights: list[torch.Tensor] | None = None,
-            bias: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> list[tuple]:
+            bias: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+            num_ranks_per_node: int | None = None) -> list[tuple]:
     """Inverse of :func:`dispatch`: per rank ``(combined_x [N, H], combined_topk_weights [N, K] or None)``.
 
     ``combined_x[t] = round(bias_0[t] + bias_1[t] + Σ_r x_r[row of t])`` accumulated in fp32 in rank order;
-    rows past the valid count of a ``num_worst_tokens`` dispatch are ignored.
+    rows past the valid count of a ``num_worst_tokens`` dispatch are ignored. With ``num_ranks_per_node``
+    (the node-aware path, ``transports.hierarchical``) the rows of each node other than the token's own are
+    summed first (fp32, rank order) and rounded to the payload's dtype, and the sum takes, in node order, the
+    own node's rows one by one and each other node's partial.
     """
     num_ranks = len(x)
+    per_node = num_ranks_per_node or num_ranks
     out = []
     for s in range(num_ranks):
         n = dispatched[s].is_token_in_rank.shape[0]
@@ -203,14 +208,30 @@ def combine(x: list[torch.Tensor], dispatched: list[Dispatched], *, topk_weights
             if b is not None:
                 acc = acc + b.float()
         acc_w = torch.zeros(n, topk_weights[0].shape[1]) if topk_weights is not None else None
-        for r in range(num_ranks):
-            _, begin, count = list(_blocks(dispatched[r], r))[s]
-            toks = dispatched[r].recv_src_idx[begin:begin + count].long()
-            acc = acc.index_add(0, toks, x[r][begin:begin + count].float())
-            if acc_w is not None:
-                acc_w = acc_w.index_add(0, toks, topk_weights[r][begin:begin + count])
+        for node in range(num_ranks // per_node):
+            ranks = range(node * per_node, (node + 1) * per_node)
+            if node == s // per_node or num_ranks_per_node is None:
+                for r in ranks:
+                    acc, acc_w = _add_rows(acc, acc_w, x, topk_weights, dispatched, r, s)
+            else:  # one partial sum per (token, node) that has rows there, rounded like the rows it sums
+                part, part_w = _add_rows(torch.zeros_like(acc), None if acc_w is None else torch.zeros_like(acc_w),
+                                         x, topk_weights, dispatched, ranks, s)
+                hit = dispatched[s].is_token_in_rank[:, ranks.start:ranks.stop].any(dim=1).nonzero().flatten()
+                acc = acc.index_add(0, hit, part.to(x[0].dtype).float()[hit])
+                acc_w = None if acc_w is None else acc_w.index_add(0, hit, part_w[hit])
         out.append((acc.to(x[0].dtype), acc_w))
     return out
+
+
+def _add_rows(acc, acc_w, x, topk_weights, dispatched, ranks, s):
+    """``acc`` (and ``acc_w``) plus the rows ranks ``ranks`` (in order) received from source ``s``."""
+    for r in ([ranks] if isinstance(ranks, int) else ranks):
+        _, begin, count = list(_blocks(dispatched[r], r))[s]
+        toks = dispatched[r].recv_src_idx[begin:begin + count].long()
+        acc = acc.index_add(0, toks, x[r][begin:begin + count].float())
+        if acc_w is not None:
+            acc_w = acc_w.index_add(0, toks, topk_weights[r][begin:begin + count])
+    return acc, acc_w
 
 
 # --- low-latency mode -------------------------------------------------------------------------------

@@ -68,12 +68,16 @@ def dispatch_combine(rank: int, world: int, case: Case, opts: dict) -> int:
     with_topk, with_weights = opts.get("topk", True), opts.get("weights", True)
     alignment, worst = opts.get("expert_alignment", 1), opts.get("num_worst_tokens", 0)
     quant_mode, nums_type = opts.get("quant_mode"), opts.get("token_nums_type", 1)
+    per_node_ranks = opts.get("num_ranks_per_node")
     with env(MOE_EXPERT_TOKEN_NUMS_TYPE=str(nums_type)):
-        buf = Buffer(dist.group.WORLD, timeout_s=60)
+        buf = Buffer(dist.group.WORLD, timeout_s=60, num_ranks_per_node=per_node_ranks)
     try:
-        layouts = [reference.get_dispatch_layout(i, num_experts, world) for i in inp["topk_idx"]]
+        layouts = [reference.get_dispatch_layout(i, num_experts, world, per_node_ranks) for i in inp["topk_idx"]]
         per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(inp["topk_idx"][rank], num_experts)
-        assert per_node is None
+        if per_node_ranks in (None, world):
+            assert per_node is None  # one node: DeepEP's None
+        else:
+            assert_same("num_tokens_per_rdma_rank", per_node, layouts[rank][1])
         for name, got, want in zip(("num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank"),
                                    (per_rank, per_expert, in_rank), (layouts[rank][0], layouts[rank][2], layouts[rank][3])):
             assert_same(name, got, want)
@@ -131,11 +135,26 @@ def dispatch_combine(rank: int, world: int, case: Case, opts: dict) -> int:
                         for _ in range(opts.get("bias", 0))) for d in refs]
         combined, combined_w, _ = buf.combine(_to_float(recv_x), handle, topk_weights=recv_w,
                                               bias=biases[rank] if biases[rank] else None)
-        want_x, want_w = reference.combine(expert_out, refs, topk_weights=[d.recv_topk_weights for d in refs]
-                                           if recv_w is not None else None,
-                                           bias=biases if opts.get("bias") else None)[rank]
+        ref_kw = dict(topk_weights=[d.recv_topk_weights for d in refs] if recv_w is not None else None,
+                      bias=biases if opts.get("bias") else None)
+        hierarchical = buf.transport == "hierarchical"
+        want_x, want_w = reference.combine(expert_out, refs, **ref_kw,
+                                           num_ranks_per_node=per_node_ranks if hierarchical else None)[rank]
         assert_same("combined_x", combined, want_x)
         assert_same("combined_topk_weights", combined_w, want_w)
+        if hierarchical:
+            # Against the flat sum: one extra rounding of each remote node's partial (to the payload's dtype,
+            # at most half a unit of the partial) and the reassociation of up to R fp32 additions (half a
+            # unit each): within R * eps * sum of |terms|.
+            flat_x, flat_w = reference.combine(expert_out, refs, **ref_kw)[rank]
+            magnitude = reference.combine([e.abs() for e in expert_out], refs,
+                                          bias=[tuple(b.abs() for b in bs) for bs in biases] if opts.get("bias")
+                                          else None)[rank][0].float()
+            bound = world * torch.finfo(flat_x.dtype).eps * magnitude + torch.finfo(flat_x.dtype).tiny
+            diff = (combined.float() - flat_x.float()).abs()
+            assert bool((diff <= bound).all()), f"combine vs flat: {(diff - bound).max()} over, case {case}"
+            if flat_w is not None:
+                torch.testing.assert_close(combined_w, flat_w, rtol=1e-6, atol=1e-7)
         if recv_w is not None:
             # DeepEP's invariant: combining the dispatched weights gives back the original weights.
             masked = torch.where(inp["topk_idx"][rank] >= 0, inp["topk_weights"][rank], 0.0)

@@ -6,7 +6,8 @@
 |---|---|---|
 | ``all_to_all`` | ``alltoall`` | ``torch.distributed.all_to_all_single`` on any collective backend |
 | ``shm`` | ``shared_memory`` | POSIX shared memory between the ranks of one host (CPU) |
-| ``default`` | ``auto`` | the best backend available for the group: ``shm`` on one host, else ``all_to_all`` |
+| ``hierarchical`` | ``internode`` | node-aware normal mode: a token crosses to a node once (several nodes) |
+| ``default`` | ``auto`` | the best backend for the group: ``hierarchical`` across nodes, ``shm`` on one host, else ``all_to_all`` |
 | ``ops`` | | Ascend's ``torch_npu.npu_moe_distribute_*`` ops (needs torch_npu and an NPU; not in this build) |
 
 How to add a backend: write ``transports/<name>.py`` with a subclass of
@@ -46,9 +47,17 @@ def _shm_unavailable(topology, group) -> str | None:
     return unavailable(topology, group)
 
 
+def _hierarchical_unavailable(topology, group) -> str | None:
+    from .hierarchical import unavailable
+
+    return unavailable(topology, group)
+
+
 BACKENDS: dict[str, Entry] = {
     "all_to_all": Entry("deep_ep_ops.transports.all_to_all:AllToAllTransport", aliases=("alltoall",)),
     "shm": Entry("deep_ep_ops.transports.shm:ShmTransport", aliases=("shared_memory",), unavailable=_shm_unavailable),
+    "hierarchical": Entry("deep_ep_ops.transports.hierarchical:HierarchicalTransport", aliases=("internode",),
+                          unavailable=_hierarchical_unavailable),
     "ops": Entry("", unavailable=_needs_torch_npu),
 }
 AUTO = ("default", "auto")
@@ -92,7 +101,7 @@ def resolve(name: str | None, topology, group) -> str:
 
 
 #: Automatic choice, best first; the first available one wins.
-_PREFERENCE = ("shm", "all_to_all")
+_PREFERENCE = ("hierarchical", "shm", "all_to_all")
 
 
 def create(name: str, ctx) -> Transport:

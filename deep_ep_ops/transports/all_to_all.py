@@ -58,6 +58,7 @@ class AllToAllTransport(Transport):
         send = dense(send)
         if dtype not in _NATIVE_DTYPES:
             send = send.view(torch.uint8)
+        self.count(send_splits, send[0:1].numel() * send.element_size() if send.dim() else 0)
         shape = (sum(recv_splits), *send.shape[1:])
         output = self.outputs.empty(shape, send.dtype) if send.device.type == "cpu" else send.new_empty(shape)
         if self.num_ranks == 1:

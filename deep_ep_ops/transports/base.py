@@ -23,6 +23,7 @@ Received buffers are fresh tensors that the ops may hand to the caller as output
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -61,6 +62,28 @@ class Done:
         return self._result
 
 
+@dataclasses.dataclass
+class Route:
+    """One dispatch's routing, as the tokens level sees it.
+
+    Attributes:
+        is_token_in_rank: bool ``[N, R]``: this rank's token ``t`` goes to rank ``r``.
+        matrix: int64 ``[R, R]``: ``[i, j]`` rows rank ``i`` sends rank ``j`` (the handshake's traffic matrix).
+        rank: this rank.
+        recv_src_idx: int ``[n]``: the source token of each row this rank received (combine only).
+    """
+
+    is_token_in_rank: torch.Tensor
+    matrix: torch.Tensor
+    rank: int
+    recv_src_idx: torch.Tensor | None = None
+
+    def counts(self, reverse: bool = False) -> tuple[list[int], list[int]]:
+        """``(send counts, receive counts)`` per rank of the dispatch, or of its combine with ``reverse``."""
+        sent, received = self.matrix[self.rank].tolist(), self.matrix[:, self.rank].tolist()
+        return (received, sent) if reverse else (sent, received)
+
+
 def exchange_device(group: dist.ProcessGroup) -> torch.device:
     """Where the group's collective backend takes its tensors (CUDA for NCCL, NPU for HCCL, else CPU)."""
     backend = str(dist.get_backend(group)).lower()
@@ -85,6 +108,18 @@ class Transport:
         self.ctx = ctx
         self.group, self.kernels, self.outputs = ctx.group, ctx.kernels, ctx.outputs
         self.num_ranks, self.rank = ctx.num_ranks, ctx.rank
+        #: Bytes this rank has sent to ranks of its own node and of other nodes (see :meth:`count`).
+        self.bytes_sent = {"intra_node": 0, "inter_node": 0}
+
+    def count(self, send_splits: list[int], row_bytes: int) -> None:
+        """Adds one exchange's outgoing bytes to :attr:`bytes_sent` (a rank's rows to itself count nowhere)."""
+        topology = self.ctx.topology
+        if topology is None:
+            return
+        me = topology.node_of(self.rank)
+        for dst, rows in enumerate(send_splits):
+            if rows and dst != self.rank:
+                self.bytes_sent["intra_node" if topology.node_of(dst) == me else "inter_node"] += rows * row_bytes
 
     @property
     def device(self) -> torch.device:
@@ -100,40 +135,37 @@ class Transport:
 
     # --- level 2: tokens ---------------------------------------------------------------------------------
 
-    def dispatch_tokens(self, rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_counts: list[int],
-                        recv_counts: list[int]) -> Pending:
-        """Sends token ``t``'s row to every rank ``r`` with ``is_token_in_rank[t, r]``.
+    def dispatch_tokens(self, rows: torch.Tensor, route: Route) -> Pending:
+        """Sends token ``t``'s row to every rank ``r`` with ``route.is_token_in_rank[t, r]``.
 
         Args:
             rows: ``[N, ...]`` one row per token, any dtype (bytes are moved as they are).
-            is_token_in_rank: bool ``[N, R]``.
-            send_counts: ``is_token_in_rank.sum(0)``; recv_counts: rows each rank sends here.
+            route: the dispatch's routing.
 
         Returns:
-            A pending whose result is ``[sum(recv_counts), ...]``, ordered by (source rank, source token).
+            A pending whose result is the received rows, ordered by (source rank, source token).
         """
-        token = compute.destination_major_tokens(is_token_in_rank)
-        return self.all_to_all(self.kernels.gather_rows(rows, token), send_counts, recv_counts)
+        token = compute.destination_major_tokens(route.is_token_in_rank)
+        return self.all_to_all(self.kernels.gather_rows(rows, token), *route.counts())
 
-    def combine_tokens(self, rows: torch.Tensor, is_token_in_rank: torch.Tensor, send_counts: list[int],
-                       recv_counts: list[int], bias: tuple[torch.Tensor | None, ...] = (),
+    def combine_tokens(self, rows: torch.Tensor, route: Route, bias: tuple[torch.Tensor | None, ...] = (),
                        out_dtype: torch.dtype | None = None) -> Pending:
         """The inverse of :meth:`dispatch_tokens`, reducing: each token's rows are summed on its source rank.
 
         Args:
             rows: ``[n, W]`` floating, in the receive order of the dispatch this combines.
-            is_token_in_rank: bool ``[N, R]`` of this rank's tokens (the dispatch's handle).
-            send_counts: rows of ``rows`` that came from each rank; recv_counts: rows each rank returns.
+            route: that dispatch's routing (with ``recv_src_idx``).
             bias: up to two ``[N, W]`` tensors the sum starts from.
             out_dtype: dtype of the result (default ``rows.dtype``).
 
         Returns:
             A pending whose result is ``[N, W]``: ``round(bias_0 + bias_1 + Σ_r row_r)`` accumulated in fp32,
-            rows added in rank order, rounded once.
+            rows added in rank order, rounded once (a node-aware backend adds each remote node's rows as one
+            partial sum, see its module).
         """
-        pending = self.all_to_all(rows, send_counts, recv_counts)
-        token = compute.destination_major_tokens(is_token_in_rank)
-        num_tokens = is_token_in_rank.shape[0]
+        pending = self.all_to_all(rows, *route.counts(reverse=True))
+        token = compute.destination_major_tokens(route.is_token_in_rank)
+        num_tokens = route.is_token_in_rank.shape[0]
         dtype = rows.dtype if out_dtype is None else out_dtype
         return Done(None, (pending,), lambda: self.kernels.combine_reduce(pending.result(), token, num_tokens,
                                                                           *bias, out_dtype=dtype))

@@ -246,12 +246,15 @@ class ShmTransport(Transport):
         return self._enqueue(step, lambda: out.view(dtype).view(total, *tail))
 
     def all_to_all(self, send, send_splits, recv_splits):
+        self.count(send_splits, math.prod(send.shape[1:]) * send.element_size())
         return self._copy(_as_rows(send), None, send_splits, recv_splits, send.dtype, tuple(send.shape[1:]))
 
-    def dispatch_tokens(self, rows, is_token_in_rank, send_counts, recv_counts):
+    def dispatch_tokens(self, rows, route):
         """Direct: each sender writes its rows straight into the receiver's output (see ``_shm_engine``)."""
         src = _as_rows(rows)
-        token = compute.destination_major_tokens(is_token_in_rank)
+        token = compute.destination_major_tokens(route.is_token_in_rank)
+        send_counts, recv_counts = route.counts()
+        self.count(send_counts, src.shape[1])
         self._direct_seq += 1
         seq, num_ranks, row_bytes = self._direct_seq, self.num_ranks, src.shape[1]
         total = sum(recv_counts)
@@ -297,8 +300,11 @@ class ShmTransport(Transport):
 
         return self._enqueue(step, lambda: out[:total * row_bytes].view(rows.dtype).view(total, *rows.shape[1:]))
 
-    def combine_tokens(self, rows, is_token_in_rank, send_counts, recv_counts, bias=(), out_dtype=None):
+    def combine_tokens(self, rows, route, bias=(), out_dtype=None):
+        send_counts, recv_counts = route.counts(reverse=True)
+        is_token_in_rank = route.is_token_in_rank
         rows = dense(rows).contiguous()
+        self.count(send_counts, math.prod(rows.shape[1:]) * rows.element_size())
         self._check_ring(math.prod(rows.shape[1:]) * rows.element_size())
         bias = tuple(bias) + (None,) * (2 - len(bias))
         num_tokens, width = is_token_in_rank.shape[0], rows.shape[1]
