@@ -117,6 +117,17 @@ class Buffer(LowLatencyMethods):
         """``"native"`` or ``"python"``: which kernels this Buffer's ops run."""
         return self._ctx.kernels.name
 
+    def get_bytes_sent(self, reset: bool = False) -> dict[str, int]:
+        """Bytes this rank has sent to ranks of its own node and of other nodes, over every op on this group.
+
+        Args:
+            reset: zero the counters after reading them.
+
+        Returns:
+            ``{"intra_node": bytes, "inter_node": bytes}`` (a rank's rows to itself count in neither).
+        """
+        return ops.bytes_sent(self.group_name, reset)
+
     @property
     def num_ranks_per_node(self) -> int:
         """Ranks per node of this Buffer's group (detected from hosts, or the override)."""

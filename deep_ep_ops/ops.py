@@ -112,6 +112,15 @@ def group_facts(group: dist.ProcessGroup | str) -> GroupFacts:
     return GroupFacts(name, ctx.num_ranks, ctx.rank, ctx.num_ranks_per_node)
 
 
+def bytes_sent(group, reset: bool = False) -> dict[str, int]:
+    """Bytes this rank has sent inside its node and across nodes on ``group`` (see ``Buffer.get_bytes_sent``)."""
+    counters = _registry.get(group if isinstance(group, str) else group.group_name).transport.bytes_sent
+    out = dict(counters)
+    if reset:
+        counters.update(intra_node=0, inter_node=0)
+    return out
+
+
 def get_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, group) -> Layout:
     """Counts tokens per rank, node and expert for a routing (local compute, no communication)."""
     g = group_facts(group)

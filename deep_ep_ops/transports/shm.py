@@ -14,10 +14,12 @@ dead peer (its process gone) is reported as soon as a wait on it runs out of its
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import secrets
 import time
+import weakref
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -48,6 +50,12 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     if t.numel() == 0:
         return torch.empty(t.shape[0], width, dtype=torch.uint8)
     return dense(t).contiguous().view(torch.uint8).view(t.shape[0], width)
+
+
+def _close_at_exit(ref) -> None:
+    transport = ref()
+    if transport is not None:
+        transport.close()
 
 
 class _Waiter:
@@ -155,6 +163,9 @@ class ShmTransport(Transport):
         self._slots = _shm_slots.Slots(self)
         self._blocks = _OutputBlocks(self)
         self._direct_seq = 0
+        # Names that stay under /dev/shm while this backend lives (its output blocks) go at interpreter exit
+        # too, when nobody destroyed the Buffer; a crash is cleaned up by _segments.remove_stale.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # --- setup ---------------------------------------------------------------------------------------------
 
@@ -189,6 +200,7 @@ class ShmTransport(Transport):
         return segments
 
     def close(self) -> None:
+        """Unlinks and unmaps everything this backend made (idempotent)."""
         self._blocks.close()
         self._slots.close()
         for segment in self._rings:
