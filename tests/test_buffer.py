@@ -85,14 +85,17 @@ def test_attributes_and_destroy(group1):
         b.dispatch(torch.zeros(1, 4), handle=[torch.zeros(1)] * 6)
 
 
-NAMES = r"\['all_to_all', 'alltoall', 'auto', 'default', 'ops', 'shared_memory', 'shm'\]"
+NAMES = r"\['all_to_all', 'alltoall', 'auto', 'default', 'hierarchical', 'internode', 'ops', 'shared_memory', 'shm'\]"
 
 
 def test_transport_names(group1, monkeypatch):
     """Names, aliases, DEEP_USE_MODE values and the errors all come from the backend registry."""
     from deep_ep_ops import transports
 
-    assert transports.names() == ["all_to_all", "alltoall", "auto", "default", "ops", "shared_memory", "shm"]
+    assert transports.names() == ["all_to_all", "alltoall", "auto", "default", "hierarchical", "internode", "ops",
+                                  "shared_memory", "shm"]
+    with pytest.raises(ValueError, match="transport 'hierarchical' cannot serve this group: the group is on one node"):
+        Buffer(dist.group.WORLD, transport="hierarchical")
     with pytest.raises(ValueError, match=rf"expected a transport in {NAMES}, got 'nvlink'"):
         Buffer(dist.group.WORLD, transport="nvlink")
     with pytest.raises(ValueError, match="transport 'ops' cannot serve this group: it needs torch_npu"):
