@@ -113,17 +113,34 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
     """Registers (or re-uses) the context of ``group``; one reference per call, see :func:`release`.
 
     Raises:
-        ValueError: the group is already registered with a different transport.
+        ValueError: the group is already registered with a different transport, kernels, timeout or node
+            size.
     """
     name = group.group_name
     ctx = _GROUPS.get(name)
     if ctx is not None and ctx.refs > 0:
         wanted = transport if transport is not None else config.read_env().use_mode
-        if wanted is not None and transports.resolve(wanted, ctx.topology, group) != ctx.transport.name:
-            raise ValueError(
-                f"deepep: expected one transport per process group, got {wanted!r} for group {name!r} "
-                f"which another Buffer uses with {ctx.transport.name!r}"
-            )
+        held = {"transport": ctx.transport.name, "kernels": ctx.kernels.name, "timeout_s": ctx.timeout_s,
+                "num_ranks_per_node": ctx.num_ranks_per_node}
+        asked = {"transport": None if wanted is None else transports.resolve(wanted, ctx.topology, group),
+                 "kernels": None if kernels is None else _kernels(kernels).name,
+                 "timeout_s": None if timeout_s is None else float(timeout_s),
+                 "num_ranks_per_node": num_ranks_per_node}
+        for key, value in asked.items():
+            # One context per group: a second Buffer may not silently run with other settings than it asked.
+            if value is not None and value != held[key]:
+                raise ValueError(
+                    f"deepep: expected one {key} per process group, got {value!r} for group {name!r} "
+                    f"which another Buffer uses with {held[key]!r}"
+                )
+        for key, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            # The backend sized its buffers for the first Buffer (0: they grow on demand); a bigger fixed size
+            # needs that Buffer destroyed first, as DeepEP's own get_buffer does.
+            if getattr(ctx, key) and value > getattr(ctx, key):
+                raise ValueError(
+                    f"deepep: expected {key} <= {getattr(ctx, key)} (the size another Buffer on group {name!r} "
+                    f"fixed; destroy it first to grow), got {value}"
+                )
     else:
         if ctx is not None:
             ctx.transport.close()

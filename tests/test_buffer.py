@@ -111,6 +111,30 @@ def test_transport_names(group1, monkeypatch):
         b.destroy()
 
 
+def test_second_buffer_on_a_group(group1):
+    """Buffers on one group share its context; one asking for other settings than it holds is refused, not
+    silently given the first one's."""
+    first = Buffer(dist.group.WORLD, transport="all_to_all", kernels="python", num_rdma_bytes=1 << 22)
+    try:
+        same = Buffer(dist.group.WORLD, kernels="python", num_rdma_bytes=1 << 20)
+        assert same.kernels == "python" and same.transport == "all_to_all"
+        same.destroy()
+        for kwargs, message in (
+            ({"transport": "shm"}, "expected one transport per process group, got 'shm'"),
+            ({"kernels": "python", "timeout_s": 3.0}, "expected one timeout_s per process group, got 3.0"),
+            ({"num_ranks_per_node": 2}, "expected one num_ranks_per_node per process group, got 2"),
+            ({"num_rdma_bytes": 1 << 23}, r"expected num_rdma_bytes <= 4194304 \(the size another Buffer"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                Buffer(dist.group.WORLD, **kwargs)
+        from deep_ep_ops import compute
+        if compute.native_loaded():
+            with pytest.raises(ValueError, match="expected one kernels per process group, got 'native'"):
+                Buffer(dist.group.WORLD, kernels="native")
+    finally:
+        first.destroy()
+
+
 def test_env_validation():
     with pytest.raises(ValueError, match=r"expected MOE_EXPERT_TOKEN_NUMS_TYPE in \[0, 1\], got 2"):
         config.read_env({"MOE_EXPERT_TOKEN_NUMS_TYPE": "2"})
