@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-import _netns
+from benchmarks import _netns
 
 pytestmark = pytest.mark.distributed
 
@@ -76,3 +76,25 @@ def test_torchrun_two_hosts():
     if new_shm:
         warnings.warn(f"new files in the real /dev/shm, not from this run: {sorted(new_shm)}",
                       stacklevel=1)
+
+
+def test_ops_across_two_hosts():
+    """The ops on a real network between two simulated hosts (2 x 2 ranks, 1 Gbit/s): host detection picks
+    the hierarchical transport, and every normal-mode case (both transports), low-latency, fused and a compiled
+    layer's backward equal the reference. Checks run inside the ranks (tests/_two_hosts_ops.py)."""
+    reason = _netns.available()
+    if reason is not None:
+        pytest.skip(reason)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "DEEP_USE_MODE": "", "DEEP_EP_OPS_RANKS_PER_NODE": ""}
+    worker = os.path.join(_TESTS, "_two_hosts_ops.py")
+    with _netns.two_hosts(rate="1gbit") as topo:
+        argvs = [_netns.torchrun_argv([worker], node_rank=i, master_addr=topo.hosts[0].address) for i in range(2)]
+        results = _netns.run_on_hosts(topo, argvs, env=env, timeout_s=240, cwd=_ROOT)
+    for i, r in enumerate(results):
+        assert r.returncode == 0, f"host {i} rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    lines = [json.loads(line.split(" ", 1)[1]) for line in results[0].stdout.splitlines()
+             if line.startswith("TWO_HOSTS ")]
+    assert len(lines) == 1, results[0].stdout
+    assert lines[0]["detected"] == {"transport": "hierarchical", "num_ranks_per_node": 2}
+    assert lines[0]["ran"]["hierarchical"] == lines[0]["ran"]["all_to_all"] > 0
