@@ -59,7 +59,7 @@ class HierarchicalTransport(AllToAllTransport):
         self.node, self.local = divmod(self.rank, self.per_node)
 
     def _wait(self, pending):
-        return _waits.wait(self.ctx, pending, "hierarchical", self.ctx.seq)
+        return _waits.wait(self.ctx, pending, self.ctx.op or "hierarchical", self.ctx.seq)
 
     def _rail(self, node: int) -> int:
         return node * self.per_node + self.local
@@ -67,12 +67,26 @@ class HierarchicalTransport(AllToAllTransport):
     def _members(self, node: int) -> range:
         return range(node * self.per_node, (node + 1) * self.per_node)
 
-    def _exchange(self, chunks: dict[int, torch.Tensor], recv_counts: list[int], row_bytes: int) -> torch.Tensor:
-        """Rows ``chunks[r]`` to rank ``r`` (none to the others), ``recv_counts[r]`` rows back from each."""
-        sends = [chunks[r].shape[0] if r in chunks else 0 for r in range(self.num_ranks)]
-        empty = torch.empty(0, row_bytes, dtype=torch.uint8)
-        send = torch.cat([chunks.get(r, empty) for r in range(self.num_ranks)]) if chunks else empty
-        return self._wait(self.all_to_all(send, sends, recv_counts))
+    def _exchange(self, chunks: dict[int, list], meta: dict[int, torch.Tensor], recv_counts: list[int],
+                  width: int, meta_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sends rank ``r`` the rows ``chunks[r]`` (pairs ``(rows, index)``: ``rows[index]``, uint8 ``[n, width]``)
+        with one int32 ``[meta_width]`` record each (``meta[r]``); none to the others. Returns the rows
+        (uint8 ``[Σ recv_counts, width]``) and records (int32 ``[…, meta_width]``) from every rank in rank order.
+
+        Rows are copied once, straight into the send buffer; records travel in a second, small exchange
+        (gluing them onto the rows would cost two more copies of the payload)."""
+        sends = [sum(index.numel() for _, index in chunks.get(r, ())) for r in range(self.num_ranks)]
+        send = self.outputs.empty((sum(sends), width), torch.uint8)
+        offset = 0
+        for r in range(self.num_ranks):
+            for rows, index in chunks.get(r, ()):
+                self.kernels.gather_rows_into(send[offset:offset + index.numel()], rows, index)
+                offset += index.numel()
+        records = torch.cat([meta[r] for r in range(self.num_ranks) if r in meta]) if meta else \
+            torch.empty(0, meta_width, dtype=torch.int32)
+        pending = (self.all_to_all(send, sends, recv_counts),
+                   self.all_to_all(records.view(-1, meta_width), sends, recv_counts))
+        return self._wait(pending[0]), self._wait(pending[1])
 
     # --- dispatch ----------------------------------------------------------------------------------------
 
@@ -86,37 +100,32 @@ class HierarchicalTransport(AllToAllTransport):
         head = in_rank.to(torch.int64).cumsum(0) - 1
         position = torch.where(in_rank, before[rank] + head, -1).view(n, self.num_nodes, p).to(torch.int32)
         in_node = (position >= 0).any(2)  # [N, nodes]
-        pos_bytes = p * 4
         # Stage 1: one row per (token, remote node), to the forwarder there, with its positions in that node.
         counts = torch.zeros(self.num_ranks, 1, dtype=torch.int64)
-        chunks: dict[int, torch.Tensor] = {}
+        chunks, meta = {}, {}
         for b in range(self.num_nodes):
             if b != self.node:
                 tokens = in_node[:, b].nonzero().flatten()
-                chunks[self._rail(b)] = torch.cat([self.kernels.gather_rows(data, tokens),
-                                                   position[tokens, b].view(torch.uint8)], dim=1)
+                chunks[self._rail(b)], meta[self._rail(b)] = [(data, tokens)], position[tokens, b]
                 counts[self._rail(b)] = tokens.numel()
         ones = [1] * self.num_ranks
         incoming = self._wait(self.all_to_all(counts, ones, ones)).view(-1).tolist()
-        forwarded = self._exchange(chunks, [incoming[r] if r != rank else 0 for r in range(self.num_ranks)],
-                                   width + pos_bytes)
+        forwarded, forwarded_at = self._exchange(chunks, meta, [incoming[r] if r != rank else 0
+                                                                for r in range(self.num_ranks)], width, p)
         # Stage 2: this node's own tokens and the forwarded rows, to the ranks of this node that need them.
         own = in_node[:, self.node].nonzero().flatten()
-        rows_here = torch.cat([torch.cat([self.kernels.gather_rows(data, own),
-                                          position[own, self.node].view(torch.uint8)], dim=1), forwarded])
-        targets = rows_here[:, width:].contiguous().view(torch.int32)  # [m, P]
-        chunks = {}
+        own_at = position[own, self.node]
+        chunks, meta = {}, {}
         for j, r in enumerate(self._members(self.node)):
-            pick = (targets[:, j] >= 0).nonzero().flatten()
-            chunks[r] = torch.cat([rows_here[pick, :width], targets[pick, j:j + 1].contiguous().view(torch.uint8)],
-                                  dim=1)
+            mine, fwd = (own_at[:, j] >= 0).nonzero().flatten(), (forwarded_at[:, j] >= 0).nonzero().flatten()
+            chunks[r] = [(data, own[mine]), (forwarded, fwd)]
+            meta[r] = torch.cat([own_at[mine, j], forwarded_at[fwd, j]]).view(-1, 1)
         # Rows a rank of this node delivers to rank r: those of each source whose rows it carries into this
         # node (itself, and the sources on other nodes for which it is the forwarder).
         delivered = [int(sum(matrix[s, rank] for s in self._carried_by(q))) for q in range(self.num_ranks)]
-        received = self._exchange(chunks, delivered, width + 4)
+        received, received_at = self._exchange(chunks, meta, delivered, width, 1)
         out = self.outputs.empty((sum(route.counts()[1]), width), torch.uint8)
-        self.kernels.scatter_rows(out, received[:, width:].contiguous().view(torch.int32).view(-1).long(),
-                                  received[:, :width])
+        self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
         return Done(out.view(rows.dtype).view(out.shape[0], *rows.shape[1:]))
 
     def _carried_by(self, q: int) -> list[int]:
@@ -132,6 +141,8 @@ class HierarchicalTransport(AllToAllTransport):
         dtype = rows.dtype if out_dtype is None else out_dtype
         matrix, rank, p = route.matrix, self.rank, self.per_node
         width = rows.shape[1]
+        data = _bytes(rows)
+        row_bytes = data.shape[1]
         # The (source, token) of every row here, from the dispatch: rows come grouped by source rank.
         source = torch.repeat_interleave(torch.arange(self.num_ranks), matrix[:, rank])
         token = route.recv_src_idx.long()
@@ -139,59 +150,60 @@ class HierarchicalTransport(AllToAllTransport):
         home = source_node == self.node
         # Back inside the node: rows of this node's tokens to their source; the others to the forwarder of
         # their source on this node, with (source, token).
-        meta = torch.stack([source, token], dim=1).to(torch.int32).view(torch.uint8)
-        tagged = torch.cat([_bytes(rows), meta], dim=1)
-        chunks = {}
+        tags = torch.stack([source, token], dim=1).to(torch.int32)
+        chunks, meta = {}, {}
         for j, r in enumerate(self._members(self.node)):
-            direct = (home & (source == r)).nonzero().flatten()
-            via = (~home & (source % p == j)).nonzero().flatten()
-            chunks[r] = tagged[torch.cat([direct, via])]
+            pick = torch.cat([(home & (source == r)).nonzero().flatten(), (~home & (source % p == j)).nonzero().flatten()])
+            chunks[r], meta[r] = [(data, pick)], tags[pick]
         # Rank q of this node sends here the rows of this rank's tokens it got, then those it forwards for me.
         expect = [int(matrix[rank, q]) + int(sum(matrix[s, q] for s in range(self.num_ranks)
                                                  if s // p != self.node and s % p == self.local))
                   if q // p == self.node else 0 for q in range(self.num_ranks)]
-        got = self._exchange(chunks, expect, tagged.shape[1])
-        row_bytes = tagged.shape[1] - 8
-        got_meta = got[:, row_bytes:].contiguous().view(torch.int32).view(-1, 2).long()
-        got_rows = got[:, :row_bytes].contiguous().view(rows.dtype).view(-1, width)
+        got, got_meta = self._exchange(chunks, meta, expect, row_bytes, 2)
+        got_meta = got_meta.long()
+        got_rows = got.view(rows.dtype).view(-1, width)
         mine = got_meta[:, 0] == rank
         # As forwarder: one partial sum per (remote source, token), over this node's ranks in rank order.
         fwd = (~mine).nonzero().flatten()
         key = got_meta[fwd, 0] * (1 << 32) + got_meta[fwd, 1]
         unique, slot = torch.unique(key, sorted=True, return_inverse=True)
-        partial = self.kernels.combine_reduce(got_rows[fwd], slot, unique.numel(), out_dtype=rows.dtype)
+        partial = self.kernels.combine_reduce(self.kernels.gather_rows(got_rows, fwd), slot, unique.numel(),
+                                              out_dtype=rows.dtype)
         partial_source = torch.div(unique, 1 << 32, rounding_mode="floor")
-        chunks = {}
+        partial_token = (unique % (1 << 32)).to(torch.int32).view(-1, 1)
+        chunks, meta = {}, {}
         for b in range(self.num_nodes):
             if b != self.node:
                 pick = (partial_source == self._rail(b)).nonzero().flatten()
-                chunks[self._rail(b)] = torch.cat([_bytes(partial[pick]),
-                                                   (unique[pick] % (1 << 32)).to(torch.int32).view(-1, 1)
-                                                   .view(torch.uint8)], dim=1)
+                chunks[self._rail(b)], meta[self._rail(b)] = [(_bytes(partial), pick)], partial_token[pick]
         # From each remote node: one partial per token of mine that went there.
         per_node = route.is_token_in_rank.view(-1, self.num_nodes, p).any(2).sum(0).tolist()
-        partials = self._exchange(chunks, [per_node[r // p] if r // p != self.node and r % p == self.local else 0
-                                           for r in range(self.num_ranks)], row_bytes + 4)
+        partials, partial_at = self._exchange(chunks, meta, [per_node[r // p] if r // p != self.node and
+                                                             r % p == self.local else 0
+                                                             for r in range(self.num_ranks)], row_bytes, 1)
         # Home: in node order, this node's rows rank by rank, and each remote node's partial.
-        sums, tokens = [], []
         partial_node = torch.repeat_interleave(
             torch.arange(self.num_nodes),
             torch.tensor([per_node[b] if b != self.node else 0 for b in range(self.num_nodes)]))
-        partial_rows = partials[:, :row_bytes].contiguous().view(rows.dtype).view(-1, width)
-        partial_token = partials[:, row_bytes:].contiguous().view(torch.int32).view(-1).long()
+        partial_rows = partials.view(rows.dtype).view(-1, width)
         members = torch.tensor(list(self._members(self.node)))
+        direct = mine.nonzero().flatten()  # rows of got, grouped by the member that sent them (rank order)
         direct_source = torch.repeat_interleave(members, matrix[rank, members])
-        direct_rows, direct_token = got_rows[mine], got_meta[mine, 1]
+        order, tokens = [], []
         for b in range(self.num_nodes):
             if b == self.node:
                 for q in self._members(b):
-                    pick = (direct_source == q).nonzero().flatten()
-                    sums.append(direct_rows[pick])
-                    tokens.append(direct_token[pick])
+                    pick = direct[direct_source == q]
+                    order.append((got_rows, pick))
+                    tokens.append(got_meta[pick, 1])
             else:
                 pick = (partial_node == b).nonzero().flatten()
-                sums.append(partial_rows[pick])
-                tokens.append(partial_token[pick])
+                order.append((partial_rows, pick))
+                tokens.append(partial_at[pick, 0].long())
+        summands = self.outputs.empty((sum(t.numel() for t in tokens), width), rows.dtype)
+        offset = 0
+        for source_rows, pick in order:
+            self.kernels.gather_rows_into(summands[offset:offset + pick.numel()], source_rows, pick)
+            offset += pick.numel()
         num_tokens = route.is_token_in_rank.shape[0]
-        return Done(self.kernels.combine_reduce(torch.cat(sums), torch.cat(tokens), num_tokens, *bias,
-                                                out_dtype=dtype))
+        return Done(self.kernels.combine_reduce(summands, torch.cat(tokens), num_tokens, *bias, out_dtype=dtype))
