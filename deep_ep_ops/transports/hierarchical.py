@@ -67,11 +67,12 @@ class HierarchicalTransport(AllToAllTransport):
     def _members(self, node: int) -> range:
         return range(node * self.per_node, (node + 1) * self.per_node)
 
-    def _exchange(self, chunks: dict[int, list], meta: dict[int, torch.Tensor], recv_counts: list[int],
-                  width: int, meta_width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sends rank ``r`` the rows ``chunks[r]`` (pairs ``(rows, index)``: ``rows[index]``, uint8 ``[n, width]``)
-        with one int32 ``[meta_width]`` record each (``meta[r]``); none to the others. Returns the rows
-        (uint8 ``[Σ recv_counts, width]``) and records (int32 ``[…, meta_width]``) from every rank in rank order.
+    def _start(self, chunks: dict[int, list], meta: dict[int, torch.Tensor], recv_counts: list[int],
+               width: int, meta_width: int) -> tuple:
+        """Starts sending rank ``r`` the rows ``chunks[r]`` (pairs ``(rows, index)``: ``rows[index]``, uint8
+        ``[n, width]``) with one int32 ``[meta_width]`` record each (``meta[r]``); none to the others.
+        :meth:`_finish` returns the rows (uint8 ``[Σ recv_counts, width]``) and records (int32
+        ``[…, meta_width]``) from every rank in rank order.
 
         Rows are copied once, straight into the send buffer; records travel in a second, small exchange
         (gluing them onto the rows would cost two more copies of the payload)."""
@@ -84,9 +85,15 @@ class HierarchicalTransport(AllToAllTransport):
                 offset += index.numel()
         records = torch.cat([meta[r] for r in range(self.num_ranks) if r in meta]) if meta else \
             torch.empty(0, meta_width, dtype=torch.int32)
-        pending = (self.all_to_all(send, sends, recv_counts),
-                   self.all_to_all(records.view(-1, meta_width), sends, recv_counts))
+        return (self.all_to_all(send, sends, recv_counts),
+                self.all_to_all(records.view(-1, meta_width), sends, recv_counts))
+
+    def _finish(self, pending: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         return self._wait(pending[0]), self._wait(pending[1])
+
+    def _in_node(self, counts) -> list[int]:
+        """``counts(q)`` for the ranks ``q`` of this node, 0 for the others."""
+        return [int(counts(q)) if q // self.per_node == self.node else 0 for q in range(self.num_ranks)]
 
     # --- dispatch ----------------------------------------------------------------------------------------
 
@@ -110,21 +117,28 @@ class HierarchicalTransport(AllToAllTransport):
                 counts[self._rail(b)] = tokens.numel()
         ones = [1] * self.num_ranks
         incoming = self._wait(self.all_to_all(counts, ones, ones)).view(-1).tolist()
-        forwarded, forwarded_at = self._exchange(chunks, meta, [incoming[r] if r != rank else 0
-                                                                for r in range(self.num_ranks)], width, p)
-        # Stage 2: this node's own tokens and the forwarded rows, to the ranks of this node that need them.
+        across = self._start(chunks, meta, [incoming[r] if r != rank else 0 for r in range(self.num_ranks)],
+                             width, p)
+        # Stage 2, while stage 1 is on the wire: this node's own tokens to the ranks of this node that need them.
+        out = self.outputs.empty((sum(route.counts()[1]), width), torch.uint8)
         own = in_node[:, self.node].nonzero().flatten()
         own_at = position[own, self.node]
         chunks, meta = {}, {}
         for j, r in enumerate(self._members(self.node)):
-            mine, fwd = (own_at[:, j] >= 0).nonzero().flatten(), (forwarded_at[:, j] >= 0).nonzero().flatten()
-            chunks[r] = [(data, own[mine]), (forwarded, fwd)]
-            meta[r] = torch.cat([own_at[mine, j], forwarded_at[fwd, j]]).view(-1, 1)
-        # Rows a rank of this node delivers to rank r: those of each source whose rows it carries into this
-        # node (itself, and the sources on other nodes for which it is the forwarder).
-        delivered = [int(sum(matrix[s, rank] for s in self._carried_by(q))) for q in range(self.num_ranks)]
-        received, received_at = self._exchange(chunks, meta, delivered, width, 1)
-        out = self.outputs.empty((sum(route.counts()[1]), width), torch.uint8)
+            pick = (own_at[:, j] >= 0).nonzero().flatten()
+            chunks[r], meta[r] = [(data, own[pick])], own_at[pick, j].view(-1, 1)
+        received, received_at = self._finish(self._start(chunks, meta, self._in_node(lambda q: matrix[q, rank]),
+                                                         width, 1))
+        self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
+        # Then the rows that came from other nodes, to the ranks of this node that need them.
+        forwarded, forwarded_at = self._finish(across)
+        chunks, meta = {}, {}
+        for j, r in enumerate(self._members(self.node)):
+            pick = (forwarded_at[:, j] >= 0).nonzero().flatten()
+            chunks[r], meta[r] = [(forwarded, pick)], forwarded_at[pick, j].view(-1, 1)
+        # Rank q forwards here the rows of the sources on other nodes whose rail peer it is.
+        received, received_at = self._finish(self._start(
+            chunks, meta, self._in_node(lambda q: sum(matrix[s, rank] for s in self._carried_by(q)[1:])), width, 1))
         self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
         return Done(out.view(rows.dtype).view(out.shape[0], *rows.shape[1:]))
 
@@ -146,28 +160,21 @@ class HierarchicalTransport(AllToAllTransport):
         # The (source, token) of every row here, from the dispatch: rows come grouped by source rank.
         source = torch.repeat_interleave(torch.arange(self.num_ranks), matrix[:, rank])
         token = route.recv_src_idx.long()
-        source_node = torch.div(source, p, rounding_mode="floor")
-        home = source_node == self.node
-        # Back inside the node: rows of this node's tokens to their source; the others to the forwarder of
-        # their source on this node, with (source, token).
+        home = torch.div(source, p, rounding_mode="floor") == self.node
         tags = torch.stack([source, token], dim=1).to(torch.int32)
+        # Inside the node first: rows of remote nodes' tokens to the forwarder of their source on this node.
         chunks, meta = {}, {}
         for j, r in enumerate(self._members(self.node)):
-            pick = torch.cat([(home & (source == r)).nonzero().flatten(), (~home & (source % p == j)).nonzero().flatten()])
+            pick = (~home & (source % p == j)).nonzero().flatten()
             chunks[r], meta[r] = [(data, pick)], tags[pick]
-        # Rank q of this node sends here the rows of this rank's tokens it got, then those it forwards for me.
-        expect = [int(matrix[rank, q]) + int(sum(matrix[s, q] for s in range(self.num_ranks)
-                                                 if s // p != self.node and s % p == self.local))
-                  if q // p == self.node else 0 for q in range(self.num_ranks)]
-        got, got_meta = self._exchange(chunks, meta, expect, row_bytes, 2)
+        got, got_meta = self._finish(self._start(chunks, meta, self._in_node(
+            lambda q: sum(matrix[s, q] for s in range(self.num_ranks) if s // p != self.node and s % p == self.local)),
+            row_bytes, 2))
         got_meta = got_meta.long()
-        got_rows = got.view(rows.dtype).view(-1, width)
-        mine = got_meta[:, 0] == rank
         # As forwarder: one partial sum per (remote source, token), over this node's ranks in rank order.
-        fwd = (~mine).nonzero().flatten()
-        key = got_meta[fwd, 0] * (1 << 32) + got_meta[fwd, 1]
+        key = got_meta[:, 0] * (1 << 32) + got_meta[:, 1]
         unique, slot = torch.unique(key, sorted=True, return_inverse=True)
-        partial = self.kernels.combine_reduce(self.kernels.gather_rows(got_rows, fwd), slot, unique.numel(),
+        partial = self.kernels.combine_reduce(got.view(rows.dtype).view(-1, width), slot, unique.numel(),
                                               out_dtype=rows.dtype)
         partial_source = torch.div(unique, 1 << 32, rounding_mode="floor")
         partial_token = (unique % (1 << 32)).to(torch.int32).view(-1, 1)
@@ -178,24 +185,26 @@ class HierarchicalTransport(AllToAllTransport):
                 chunks[self._rail(b)], meta[self._rail(b)] = [(_bytes(partial), pick)], partial_token[pick]
         # From each remote node: one partial per token of mine that went there.
         per_node = route.is_token_in_rank.view(-1, self.num_nodes, p).any(2).sum(0).tolist()
-        partials, partial_at = self._exchange(chunks, meta, [per_node[r // p] if r // p != self.node and
-                                                             r % p == self.local else 0
-                                                             for r in range(self.num_ranks)], row_bytes, 1)
-        # Home: in node order, this node's rows rank by rank, and each remote node's partial.
+        across = self._start(chunks, meta, [per_node[r // p] if r // p != self.node and r % p == self.local else 0
+                                            for r in range(self.num_ranks)], row_bytes, 1)
+        # While the partials are on the wire: rows of this node's tokens back to their source.
+        chunks, meta = {}, {}
+        for r in self._members(self.node):
+            pick = (home & (source == r)).nonzero().flatten()
+            chunks[r], meta[r] = [(data, pick)], tags[pick, 1:]
+        direct, direct_token = self._finish(self._start(chunks, meta, self._in_node(lambda q: matrix[rank, q]),
+                                                        row_bytes, 1))
+        partials, partial_at = self._finish(across)
+        # Home: in node order, this node's rows rank by rank (as received), and each remote node's partial.
         partial_node = torch.repeat_interleave(
             torch.arange(self.num_nodes),
             torch.tensor([per_node[b] if b != self.node else 0 for b in range(self.num_nodes)]))
-        partial_rows = partials.view(rows.dtype).view(-1, width)
-        members = torch.tensor(list(self._members(self.node)))
-        direct = mine.nonzero().flatten()  # rows of got, grouped by the member that sent them (rank order)
-        direct_source = torch.repeat_interleave(members, matrix[rank, members])
+        direct_rows, partial_rows = direct.view(rows.dtype).view(-1, width), partials.view(rows.dtype).view(-1, width)
         order, tokens = [], []
         for b in range(self.num_nodes):
             if b == self.node:
-                for q in self._members(b):
-                    pick = direct[direct_source == q]
-                    order.append((got_rows, pick))
-                    tokens.append(got_meta[pick, 1])
+                order.append((direct_rows, torch.arange(direct_rows.shape[0])))
+                tokens.append(direct_token.view(-1).long())
             else:
                 pick = (partial_node == b).nonzero().flatten()
                 order.append((partial_rows, pick))
