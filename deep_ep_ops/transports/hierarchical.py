@@ -59,7 +59,7 @@ class HierarchicalTransport(AllToAllTransport):
         self.node, self.local = divmod(self.rank, self.per_node)
 
     def _wait(self, pending):
-        return _waits.wait(self.ctx, pending, self.ctx.op or "hierarchical", self.ctx.seq)
+        return _waits.wait(self.ctx, pending, getattr(self.ctx, "op", None) or "hierarchical", self.ctx.seq)
 
     def _rail(self, node: int) -> int:
         return node * self.per_node + self.local
