@@ -1,6 +1,6 @@
 """fused_deep_moe versus the unfused chain (LL dispatch → grouped GEMMs → LL combine) on the same inputs.
 
-    python -m benchmarks.bench_fused [--ranks 4] [--tokens 64 128] [--hidden 4096] [--intermediate 1024]
+    python -m benchmarks.bench_fused [--ranks 2] [--transport shm all_to_all] [--tokens 64 128] [--hidden 4096] [--intermediate 1024]
                                      [--num-experts 64] [--num-topk 8] [--quant-modes 1 0] [--json out.json]
 
 Both compute the same result bit for bit (tests/cases_fused.py). The unfused chain is what a user
@@ -23,16 +23,19 @@ def _bench(rank: int, world: int, args) -> list[dict]:
     from benchmarks._chains import unfused_deep_moe
 
     group = dist.group.WORLD
-    buf = Buffer(group, low_latency_mode=True, timeout_s=600)
     local = args.num_experts // world
     g = torch.Generator().manual_seed(1 + rank)
     w13 = torch.randn(local, 2 * args.intermediate, args.hidden, generator=g) * args.hidden ** -0.5
     w2 = torch.randn(local, args.hidden, args.intermediate, generator=g) * args.intermediate ** -0.5
-    configs = [(n, q) for n in args.tokens for q in args.quant_modes]
-    rows = []
-    for i, (n, quant_mode) in enumerate(configs, 1):
+    configs = [(t, n, q) for t in args.transport for n in args.tokens for q in args.quant_modes]
+    rows, buf = [], None
+    for i, (transport, n, quant_mode) in enumerate(configs, 1):
         if rank == 0:
-            progress(i, len(configs), f"{n} tokens, quant_mode {quant_mode}")
+            progress(i, len(configs), f"{transport}: {n} tokens, quant_mode {quant_mode}")
+        if buf is None or buf.transport != transport:
+            if buf is not None:
+                buf.destroy()
+            buf = Buffer(group, low_latency_mode=True, timeout_s=600, transport=transport)
         weights = make_fused_weights(w13, w2, quant_mode)
         x = (torch.randn(n, args.hidden, generator=g) * 0.5).bfloat16()
         idx = torch.rand(n, args.num_experts, generator=g).topk(args.num_topk, dim=1).indices
@@ -42,7 +45,7 @@ def _bench(rank: int, world: int, args) -> list[dict]:
                                       args.warmup, group))
         unfused = summary_us(time_calls(lambda: unfused_deep_moe(buf, *call, quant_mode=quant_mode), args.iters,
                                         args.warmup, group))
-        rows.append({"tokens": n, "quant_mode": quant_mode, "fused_us": fused["median_us"],
+        rows.append({"transport": transport, "tokens": n, "quant_mode": quant_mode, "fused_us": fused["median_us"],
                      "fused_p10_us": fused["p10_us"], "fused_p90_us": fused["p90_us"],
                      "unfused_us": unfused["median_us"], "unfused_p10_us": unfused["p10_us"],
                      "unfused_p90_us": unfused["p90_us"], "speedup": unfused["median_us"] / fused["median_us"]})
@@ -65,7 +68,7 @@ def main(argv=None) -> None:
         f"fused_deep_moe vs unfused chain, {args.ranks} gloo ranks, hidden {args.hidden}, intermediate "
         f"{args.intermediate}, top-{args.num_topk} of {args.num_experts} experts, M = tokens; µs (median, p10-p90, "
         f"max over ranks)",
-        [("tokens", "tokens", "d"), ("quant_mode", "quant_mode", "d"), ("fused_us", "fused µs", ".0f"),
+        [("transport", "transport", ""), ("tokens", "tokens", "d"), ("quant_mode", "quant_mode", "d"), ("fused_us", "fused µs", ".0f"),
          ("fused_p10_us", "p10", ".0f"), ("fused_p90_us", "p90", ".0f"), ("unfused_us", "unfused µs", ".0f"),
          ("unfused_p10_us", "p10", ".0f"), ("unfused_p90_us", "p90", ".0f"), ("speedup", "speed-up", ".2f")], rows)
     write_json(args.json, {"benchmark": "fused", "config": vars(args), "rows": rows})
