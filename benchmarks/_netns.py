@@ -319,3 +319,25 @@ def torchrun_argv(args: Sequence[str], *, node_rank: int, master_addr: str,
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node_rank),
             "--master-addr", master_addr, "--master-port", str(master_port), *args]
+
+
+def records(stdout: str, prefix: str) -> list[dict]:
+    """The JSON objects that ranks printed after ``prefix`` in a host's output.
+
+    Ranks of one host share a pipe, and a long line may reach it in several writes, so two ranks' lines
+    can interleave: this finds each ``prefix`` anywhere in the text and decodes one object after it,
+    rather than trusting line boundaries.
+
+    Args:
+        stdout: A host's captured output (``HostResult.stdout``).
+        prefix: The marker that precedes each record, e.g. ``"PROBE "``.
+
+    Returns:
+        The decoded records in the order they appear.
+    """
+    decoder, out, start = json.JSONDecoder(), [], stdout.find(prefix)
+    while start >= 0:
+        obj, end = decoder.raw_decode(stdout, start + len(prefix))
+        out.append(obj)
+        start = stdout.find(prefix, end)
+    return out

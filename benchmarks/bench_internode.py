@@ -169,8 +169,7 @@ def launch(args, argv: list[str]) -> dict:
         sys.stderr.write(r.stderr[-2000:] if r.returncode else "")
         if r.returncode:
             raise SystemExit(f"bench_internode: host {i} failed (rc {r.returncode})")
-    line = next(ln for ln in results[0].stdout.splitlines() if ln.startswith(_PREFIX))
-    out = json.loads(line[len(_PREFIX):])
+    out = _netns.records(results[0].stdout, _PREFIX)[0]
     link_s = _rate_bytes_per_s(args.rate)
     for row in out["rows"]:
         row["inter_MB"] = row["dispatch_inter_MB"] + row["combine_inter_MB"]

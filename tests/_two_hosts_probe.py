@@ -51,11 +51,14 @@ def main() -> None:
     markers = [f for f in shm_files if f.startswith(token)]
     seen = [[name, dev] for name, dev in zip(_all_gather_str(socket.gethostname(), world),
                                              _all_gather_int(os.stat("/dev/shm").st_dev, world))]
-    print("PROBE " + json.dumps({
+    # One write per record: the host's ranks share a pipe (the test also copes with interleaving).
+    line = "PROBE " + json.dumps({
         "rank": rank, "world": world, "local_rank": int(os.environ["LOCAL_RANK"]),
         "node_rank": int(os.environ["GROUP_RANK"]), "sum_min": t.min().item(), "sum_max": t.max().item(),
         "hostname": socket.gethostname(), "shm_dev": os.stat("/dev/shm").st_dev,
-        "markers": markers, "shm_files": shm_files, "all": seen}), flush=True)
+        "markers": markers, "shm_files": shm_files, "all": seen}) + "\n"
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), line.encode())
     dist.destroy_process_group()
     if standalone:  # the real /dev/shm: leave nothing (on a simulated host the tmpfs goes away)
         os.unlink(f"/dev/shm/{token}-rank{rank}")

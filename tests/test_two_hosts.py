@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import uuid
@@ -41,8 +40,7 @@ def test_torchrun_two_hosts():
 
     for i, r in enumerate(results):
         assert r.returncode == 0, f"host {i} rc={r.returncode}\n{r.stdout}\n{r.stderr[-4000:]}"
-    lines = [json.loads(line[len("PROBE "):]) for r in results for line in r.stdout.splitlines()
-             if line.startswith("PROBE ")]
+    lines = [p for r in results for p in _netns.records(r.stdout, "PROBE ")]
     by_rank = {p["rank"]: p for p in lines}
     assert sorted(by_rank) == [0, 1, 2, 3], results
     for rank, p in by_rank.items():
@@ -93,8 +91,7 @@ def test_ops_across_two_hosts():
         results = _netns.run_on_hosts(topo, argvs, env=env, timeout_s=240, cwd=_ROOT)
     for i, r in enumerate(results):
         assert r.returncode == 0, f"host {i} rc={r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    lines = [json.loads(line.split(" ", 1)[1]) for line in results[0].stdout.splitlines()
-             if line.startswith("TWO_HOSTS ")]
+    lines = _netns.records(results[0].stdout, "TWO_HOSTS ")
     assert len(lines) == 1, results[0].stdout
     assert lines[0]["detected"] == {"transport": "hierarchical", "num_ranks_per_node": 2}
     assert lines[0]["ran"]["hierarchical"] == lines[0]["ran"]["all_to_all"] > 0
