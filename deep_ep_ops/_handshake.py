@@ -100,9 +100,7 @@ def report_failure(ctx, op: str, seq: int, message: str, settings_type: type, de
 def failed_header(ctx, op: str, seq: int, message: str, settings_type: type, device="cpu") -> torch.Tensor:
     """The header of a rank whose local work failed: the message goes through the store, so that every rank
     raises the same text."""
-    store = _waits.store()
-    if store is not None:
-        store.set(_error_key(ctx, seq, ctx.rank), message)
+    _waits.ask_store(ctx, lambda kv: kv.set(_error_key(ctx, seq, ctx.rank), message))
     zeros = (0,) * len(settings_type._fields)
     return header(ctx, op, seq, zeros, status=(STATUS_CHECK_FAILED, 0, 0, 0), device=device)
 
@@ -159,10 +157,9 @@ def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], settin
     if code == STATUS_HANDLE_ROWS:
         return (f"deepep::{op}: expected a handle whose rank_prefix_matrix fits the {a1} received rows, got one "
                 f"claiming {a0} (a stale handle?) (on rank {rank})")
-    store = _waits.store()
-    if store is not None and store.check([_error_key(ctx, seq, rank)]):
-        text = store.get(_error_key(ctx, seq, rank)).decode()
-    else:
+    key = _error_key(ctx, seq, rank)
+    text = _waits.ask_store(ctx, lambda kv: kv.get(key).decode() if kv.check([key]) else None)
+    if text is None:
         text = f"deepep::{op}: rank {rank} rejected its inputs (see that rank's error)"
     return f"{text} (on rank {rank})"
 

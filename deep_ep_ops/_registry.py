@@ -17,7 +17,7 @@ from typing import Any
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from . import compute, config, topology, transports
+from . import _waits, compute, config, topology, transports
 from ._outputs import OutputPool
 
 
@@ -43,6 +43,14 @@ class GroupContext:
     #: Set to a list to record ``(seq, op, rows)`` of every communicating op as it executes (debugging,
     #: and the tests that check compiled code keeps the program's communication order).
     log: list | None = None
+    #: The op being run (named by errors of waits inside the backend).
+    op: str = ""
+    #: Every rank's process ``(host, pid namespace, pid)``, to tell a dead peer (see ``_waits``).
+    processes: list | None = None
+    #: The first error of the c10d store, once it stopped answering (then it is not asked again).
+    store_error: str | None = None
+    #: The error of the exchange that failed (a peer died or stalled): the group is unusable from then on.
+    failure: str | None = None
 
     @property
     def num_ranks_per_node(self) -> int:
@@ -55,6 +63,7 @@ class GroupContext:
     def next_seq(self, op: str, rows: int) -> int:
         """Numbers communicating ops so the handshake can tell when ranks diverge."""
         self.seq += 1
+        self.op = op
         if self.log is not None:
             self.log.append((self.seq, op, rows))
         return self.seq
@@ -86,7 +95,9 @@ def _new_context(group: dist.ProcessGroup, transport: str | None, timeout_s: flo
     # builds itself with the portable one still in ctx.transport.
     ctx.transport = transports.create("all_to_all", ctx)
     per_node = num_ranks_per_node if num_ranks_per_node is not None else env.num_ranks_per_node
+    _waits.publish_process(ctx)
     ctx.topology = topology.build(ctx.rank, topology.exchange_identities(ctx), per_node)
+    ctx.processes = _waits.read_processes(ctx)
     name = transports.resolve(transport if transport is not None else env.use_mode, ctx.topology, group)
     if name != ctx.transport.name:
         ctx.transport = transports.create(name, ctx)

@@ -7,8 +7,9 @@ carry the creating process id, so that a segment whose creator is gone can be re
 
 The name is unlinked as soon as every peer has mapped the segment: the memory lives on in the mappings,
 and a process killed afterwards (even by SIGKILL) leaves nothing under ``/dev/shm``. A crash before that
-point leaves a name behind, which :func:`remove_stale` (run by every new Buffer, and by the survivors of a
-failed setup) deletes once its creator has exited.
+point, or one while output blocks are named (``shm.py``), leaves names behind, which :func:`remove_stale`
+deletes once their creator has exited: run by every new Buffer (all runs), and for its own run by a survivor
+that finds a peer dead and by every backend that closes, so that the survivors of a run clean up after it.
 """
 
 from __future__ import annotations
@@ -31,13 +32,20 @@ def name(pid: int, run: int, rank: int, kind: str, generation: int = 0) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs. A zombie (exited, not yet reaped by its parent) counts as gone: its
+    memory and sockets are already released, and a launcher may take a while to reap it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def remove_stale(run: int | None = None) -> list[str]:
@@ -71,7 +79,10 @@ def unlink(segment_name: str) -> None:
 class Segment:
     """One mapped segment: ``tensor`` is a uint8 view of all of it."""
 
-    def __init__(self, segment_name: str, size: int, create: bool, timeout_s: float = 0.0, what: str = ""):
+    def __init__(self, segment_name: str, size: int, create: bool, timeout_s: float = 0.0, what: str = "",
+                 check=None):
+        """Creates (``create``) or maps an existing segment, waiting at most ``timeout_s`` for it to appear;
+        ``check()``, called while waiting, raises when the creator is known to be gone."""
         path = os.path.join(SHM_DIR, segment_name)
         self.name, self.size = segment_name, size
         if create:
@@ -92,6 +103,8 @@ class Segment:
                     if exc.errno != errno.ENOENT or time.monotonic() >= deadline:
                         raise TimeoutError(f"deepep: expected the shared-memory segment {segment_name!r} of {what} "
                                            f"within {timeout_s:g} s, got none") from exc
+                    if check is not None:
+                        check()
                     time.sleep(0.001)
             # The creator sizes the segment right after creating it; wait for that too.
             while os.fstat(fd).st_size < size and time.monotonic() < deadline:

@@ -96,7 +96,7 @@ class Slots:
         """(Re)creates every rank's slot segment with ``slot_bytes`` per (source, half): collective."""
         for pending in self.pending:  # whatever is in the old slots is read out first
             if not pending.done:
-                _waits.wait(self.t.ctx, pending, "shm slots", pending.seq)
+                _waits.wait(self.t.ctx, pending, self.t.ctx.op or "shm slots", pending.seq)
         old = self.segments
         self.generation += 1
         num_ranks, seq = self.t.num_ranks, self.seq
@@ -126,9 +126,11 @@ class Slots:
         self.pending.append(current)
 
     def exchange(self, *args) -> SlotExchange:
-        if not self.segments:
-            self.map(self.bytes if self.t.ctx.num_rdma_bytes else 1 << 20)
-        exchange = SlotExchange(self, *args)
+        # Mapping the slots and reading out older exchanges wait for peers too: a dead one fails the op here.
+        with _waits.guard(self.t.ctx):
+            if not self.segments:
+                self.map(self.bytes if self.t.ctx.num_rdma_bytes else 1 << 20)
+            exchange = SlotExchange(self, *args)
         self.pending = [p for p in self.pending if not p.done] + [exchange]
         return exchange
 
@@ -136,7 +138,7 @@ class Slots:
         """Reads out every exchange numbered ``seq`` or less that is still in flight."""
         for pending in self.pending:
             if pending.seq <= seq and not pending.done:
-                _waits.wait(self.t.ctx, pending, "shm slots", seq)
+                _waits.wait(self.t.ctx, pending, self.t.ctx.op or "shm slots", seq)
 
     def close(self) -> None:
         for segment in self.segments:

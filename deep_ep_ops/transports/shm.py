@@ -112,7 +112,8 @@ class _OutputBlocks:
         if key not in self._peers:
             t = self.transport
             self._peers[key] = _segments.Segment(_segments.name(t.pids[rank], t.run, rank, "o", index), size,
-                                                 create=False, timeout_s=t.ctx.timeout_s, what=f"rank {rank}")
+                                                 create=False, timeout_s=t.ctx.timeout_s, what=f"rank {rank}",
+                                                 check=t.check_peers)
         return self._peers[key].tensor
 
     def close(self) -> None:
@@ -155,8 +156,10 @@ class ShmTransport(Transport):
         self.ring_bytes = DEFAULT_RING_BYTES
         if ctx.num_nvl_bytes:
             self.ring_bytes = (ctx.num_nvl_bytes - _shm_engine.ring_base(self.num_ranks)) // self.num_ranks // 64 * 64
-        self._rings = self.map_segments("n", _shm_engine.ring_segment_bytes(self.num_ranks, max(self.ring_bytes, 0)),
-                                        0, via_bootstrap=True)
+        with _waits.guard(ctx, "Buffer", 0):
+            self._rings = self.map_segments("n", _shm_engine.ring_segment_bytes(self.num_ranks,
+                                                                                max(self.ring_bytes, 0)),
+                                            0, via_bootstrap=True)
         self._ring_geometry = [_shm_engine.ring_base(self.num_ranks), self.ring_bytes]
         self._mirror = torch.zeros(2 * self.num_ranks, dtype=torch.int64)
         self._queue: list[_Exchange] = []
@@ -187,7 +190,7 @@ class ShmTransport(Transport):
             for r in range(self.num_ranks):
                 if r != self.rank:
                     segments[r] = _segments.Segment(names[r], size, create=False, timeout_s=self.ctx.timeout_s,
-                                                    what=f"rank {r}")
+                                                    what=f"rank {r}", check=self.check_peers)
             flag = torch.ones(1, dtype=torch.int64)
             if via_bootstrap:
                 self._bootstrap(flag)
@@ -200,12 +203,13 @@ class ShmTransport(Transport):
         return segments
 
     def close(self) -> None:
-        """Unlinks and unmaps everything this backend made (idempotent)."""
+        """Unlinks and unmaps everything this backend made (idempotent), and what peers that died left behind."""
         self._blocks.close()
         self._slots.close()
         for segment in self._rings:
             segment.close()
         self._rings = []
+        _segments.remove_stale(self.run)
 
     # --- driving ---------------------------------------------------------------------------------------
 
@@ -222,10 +226,13 @@ class ShmTransport(Transport):
         return True
 
     def check_peers(self) -> None:
-        for r, pid in enumerate(self.pids):
-            if r != self.rank and not _segments._alive(pid):
-                raise RuntimeError(f"rank {r} (pid {pid}) exited while this rank was waiting for it in shared "
-                                   f"memory")
+        """Raises :class:`~deep_ep_ops._waits.PeerLost` when a peer's process is gone, after removing the
+        segment names it left (nobody else would until the next Buffer on this host)."""
+        dead = [r for r, pid in enumerate(self.pids) if r != self.rank and not _segments._alive(pid)]
+        if dead:
+            _segments.remove_stale(self.run)
+            raise _waits.PeerLost(dead, "; ".join(f"rank {r} (pid {self.pids[r]}) exited" for r in dead)
+                                  + " while this rank was waiting for it in shared memory")
 
     def _enqueue(self, step, result) -> _Exchange:
         exchange = _Exchange(self, step, result)
