@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import low_latency, ops, tuning
+from . import config, low_latency, ops, tuning
 from .fused import FuseMode
 
 #: ``quant_mode`` values the facade accepts (DeepEP-Ascend's names) and what the ops receive.
@@ -20,20 +20,43 @@ class LowLatencyMethods:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
-        """DeepEP's low-latency RDMA buffer size for these settings (same formula as DeepEP)."""
-        return tuning.low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+                                       num_experts: int, num_topk: int | None = None,
+                                       dtype: torch.dtype = torch.bfloat16) -> int:
+        """``num_rdma_bytes`` for low-latency dispatch and combine with these settings.
 
-    def _low_latency_ready(self, op: str, m: int, hidden: int, num_experts: int) -> None:
-        """DeepEP's preconditions, so code that works here also works on DeepEP."""
+        Args:
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts: as for the ops.
+            num_topk: the top-k the ops will get. ``None`` gives DeepEP's number (it sizes for every token
+                reaching every expert); with it, exactly what this implementation needs, usually several
+                times less (``M * min(num_topk, L)`` rows per peer).
+            dtype: dtype of the ``x`` given to the ops (bf16 in DeepEP; fp32 rows are twice as wide).
+
+        Returns:
+            Bytes; a Buffer with at least this ``num_rdma_bytes`` never fails for its size. With
+            ``MOE_SHARED_EXPERT_RANK_NUM`` set, experts spread over fewer ranks and the number follows.
+        """
+        return tuning.low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, num_topk, dtype.itemsize,
+            config.read_env().num_shared_expert_ranks)
+
+    def _low_latency_ready(self, op: str, m: int, hidden: int, num_experts: int, topk_idx, dtype) -> None:
+        """Preconditions checked before any communication: DeepEP's mode flag, and a ``num_rdma_bytes`` (when
+        fixed) that holds this exchange."""
         self._live(op)
         if not self.low_latency_mode:
             raise RuntimeError(f"deepep::{op}: expected a Buffer built with low_latency_mode=True (as DeepEP "
                                f"requires), got low_latency_mode=False")
-        need = tuning.low_latency_rdma_size_hint(m, hidden, self.group_size, num_experts)
-        if 0 < self.num_rdma_bytes < need:
+        if not self.num_rdma_bytes:
+            return  # the backend grows its buffers as exchanges need
+        # A malformed topk_idx fails the op's own checks; size for the worst top-k meanwhile.
+        k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else None
+        need = tuning.low_latency_rdma_size_hint(m, hidden, self.group_size, num_experts, k, dtype.itemsize,
+                                                 self._env.num_shared_expert_ranks)
+        if self.num_rdma_bytes < need:
+            dtype_arg = "" if dtype == torch.bfloat16 else f", dtype={dtype}"
             raise RuntimeError(f"deepep::{op}: expected num_rdma_bytes >= {need} (get_low_latency_rdma_size_hint"
-                               f"({m}, {hidden}, {self.group_size}, {num_experts})), got {self.num_rdma_bytes}")
+                               f"({m}, {hidden}, {self.group_size}, {num_experts}, num_topk={k}{dtype_arg})), "
+                               f"got {self.num_rdma_bytes}")
 
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, num_max_dispatch_tokens_per_rank: int,
                              num_experts: int, cumulative_local_expert_recv_stats=None, use_fp8: bool = True,
@@ -67,7 +90,7 @@ class LowLatencyMethods:
             ``hook`` is ``None`` unless ``return_recv_hook``.
         """
         op = "low_latency_dispatch"
-        self._low_latency_ready(op, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
+        self._low_latency_ready(op, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts, topk_idx, x.dtype)
         if async_finish and return_recv_hook:
             raise ValueError(f"deepep::{op}: expected at most one of async_finish and return_recv_hook, got both")
         if quant_mode not in QUANT_MODES:
@@ -86,14 +109,15 @@ class LowLatencyMethods:
         hook = None
         if return_recv_hook:
             sent = ops.low_latency_dispatch_send(*args, **kwargs)
-            self._comm_seq = sent.comm_seq
+            self._advance(sent.comm_seq)
             packed, scales, count, src_info, layout_range = sent.outputs
 
             def hook():
                 ops.low_latency_dispatch_recv(sent, self.group_name)
                 account(layout_range)
         else:
-            packed, scales, count, (src_info, layout_range), self._comm_seq = ops.low_latency_dispatch(*args, **kwargs)
+            packed, scales, count, (src_info, layout_range), comm_seq = ops.low_latency_dispatch(*args, **kwargs)
+            self._advance(comm_seq)
             account(layout_range)
         quantized = mode == "int8" or use_fp8
         handle = (src_info, layout_range, num_max_dispatch_tokens_per_rank, x.shape[1], num_experts)
@@ -121,7 +145,7 @@ class LowLatencyMethods:
         """
         op = "low_latency_combine"
         src_info, layout_range, m, hidden, num_experts = handle
-        self._low_latency_ready(op, m, hidden, num_experts)
+        self._low_latency_ready(op, m, hidden, num_experts, topk_idx, x.dtype)
         if out is not None and (tuple(out.shape) != (topk_idx.shape[0], x.shape[-1]) or out.dtype != x.dtype):
             raise ValueError(f"deepep::{op}: expected out of shape {[topk_idx.shape[0], x.shape[-1]]} and dtype "
                              f"{x.dtype}, got {list(out.shape)} and {out.dtype}")
@@ -130,11 +154,12 @@ class LowLatencyMethods:
         event = self._event(async_finish, x, None)
         if return_recv_hook:
             sent = ops.low_latency_combine_send(*args, **kwargs)
-            self._comm_seq = sent.comm_seq
+            self._advance(sent.comm_seq)
             if out is not None:
                 sent = sent._replace(outputs=(out,))
             return sent.outputs[0], event, lambda: ops.low_latency_combine_recv(sent, self.group_name)
-        combined, self._comm_seq = ops.low_latency_combine(*args, **kwargs)
+        combined, comm_seq = ops.low_latency_combine(*args, **kwargs)
+        self._advance(comm_seq)
         if out is not None:
             out.copy_(combined)
             combined = out
@@ -179,8 +204,9 @@ class LowLatencyMethods:
         if int(fuse_mode) not in (int(FuseMode.FUSED_DEEP_MOE), int(FuseMode.DISPATCH_FFN_COMBINE)):
             raise ValueError(f"deepep::fused_deep_moe: expected fuse_mode in [FuseMode.FUSED_DEEP_MOE (1), "
                              f"FuseMode.DISPATCH_FFN_COMBINE (2)], got {fuse_mode!r}")
-        output, ep_recv_count, self._comm_seq = ops.fused_deep_moe(
+        output, ep_recv_count, comm_seq = ops.fused_deep_moe(
             x, topk_idx, topk_weights, gmm1_permuted_weight, gmm1_permuted_weight_scale, gmm2_weight,
             gmm2_weight_scale, num_max_dispatch_tokens_per_rank, num_experts, self.group_name, quant_mode=quant_mode,
             num_shared_expert_ranks=self._env.num_shared_expert_ranks, comm_seq=self._comm_seq)
+        self._advance(comm_seq)
         return output, ep_recv_count

@@ -13,9 +13,22 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import _registry, config, ops, tuning
+from . import _registry, _waits, config, ops, tuning
 from ._buffer_low_latency import QUANT_MODES, LowLatencyMethods
 from .utils import EventHandle, EventOverlap
+
+
+def _check_not_capturing() -> None:
+    """Building a Buffer (or a bigger one, DeepEP's way to resize) is collective host work that maps shared
+    memory and exchanges with peers: a device graph would not record it and a compiled graph cannot hold it."""
+    if torch.compiler.is_compiling():
+        where = "torch.compile tracing"
+    elif torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        where = "CUDA graph capture"
+    else:
+        return
+    raise RuntimeError(f"deepep::Buffer: expected to be built outside graph capture and torch.compile, got a Buffer "
+                       f"built during {where} (build it once before capturing or compiling, and pass it in)")
 
 
 class Buffer(LowLatencyMethods):
@@ -51,6 +64,7 @@ class Buffer(LowLatencyMethods):
                  transport: str | None = None, timeout_s: float | None = None,
                  num_ranks_per_node: int | None = None, kernels: str | None = None,
                  normal_strategy: str | None = None, low_latency_strategy: str | None = None):
+        _check_not_capturing()
         if comm is not None or group is None:
             raise ValueError("deepep: expected a torch.distributed ProcessGroup as group, got "
                              f"{'an mpi4py comm' if comm is not None else 'None'} (not supported)")
@@ -149,11 +163,21 @@ class Buffer(LowLatencyMethods):
     def _live(self, op: str) -> None:
         if self._destroyed:
             raise RuntimeError(f"deepep::{op}: expected a live Buffer, got one after destroy()")
+        _waits.check_usable(self._ctx, op)  # a peer died or stalled in an earlier op
 
     def _event(self, async_finish: bool, x: torch.Tensor, previous_event: EventOverlap | None) -> EventOverlap:
         if previous_event is not None:
             previous_event.current_stream_wait()
         return EventOverlap(EventHandle(x.device) if async_finish else None)
+
+    def _advance(self, comm_seq_out: torch.Tensor) -> None:
+        """Takes an op's ``comm_seq_out`` as the sequence the next op consumes.
+
+        In place, not by rebinding the attribute: ``torch.compile`` refuses to trace an activation-checkpointed
+        region (``torch.utils.checkpoint``) that rebinds an attribute of an object from outside it, while an
+        in-place tensor update is an ordinary mutation that keeps the communication order a data dependency.
+        """
+        self._comm_seq.copy_(comm_seq_out)
 
     # --- normal mode ---------------------------------------------------------------------------------
 
@@ -208,8 +232,9 @@ class Buffer(LowLatencyMethods):
             if topk_idx is not None:
                 raise ValueError("deepep::dispatch: expected topk_idx=None with a handle (cached dispatch "
                                  "re-uses the handle's routing), got a tensor")
-            recv_x, recv_scales, recv_w, self._comm_seq = ops.cached_dispatch(
+            recv_x, recv_scales, recv_w, comm_seq = ops.cached_dispatch(
                 x, handle, self.group_name, x_scales=x_scales, topk_weights=topk_weights, comm_seq=self._comm_seq)
+            self._advance(comm_seq)
             event = self._event(async_finish, x, previous_event)
             return ((recv_x, recv_scales) if x_scales is not None else recv_x, None,
                     recv_w if topk_weights is not None else None, None, None, event)
@@ -221,11 +246,12 @@ class Buffer(LowLatencyMethods):
         mode = QUANT_MODES[quant_mode]
         if mode is None:
             mode = "int8" if self._env.normal_use_int8 and x_scales is None else "none"
-        recv_x, recv_scales, recv_idx, recv_w, counts, handle, self._comm_seq = ops.dispatch(
+        recv_x, recv_scales, recv_idx, recv_w, counts, handle, comm_seq = ops.dispatch(
             x, is_token_in_rank, num_tokens_per_expert.shape[0], self.group_name, x_scales=x_scales,
             topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_expert=num_tokens_per_expert,
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, quant_mode=mode,
             expert_token_nums_type=self._env.expert_token_nums_type, comm_seq=self._comm_seq)
+        self._advance(comm_seq)
         handle = tuple(handle)
         quantized = x_scales is not None or mode == "int8"
         counts_list = [] if num_worst_tokens > 0 else counts.tolist()
@@ -253,7 +279,8 @@ class Buffer(LowLatencyMethods):
         if len(biases) > 2:
             raise ValueError(f"deepep::combine: expected at most 2 bias tensors, got {len(biases)}")
         biases = biases + (None,) * (2 - len(biases))
-        combined, combined_w, self._comm_seq = ops.combine(
+        combined, combined_w, comm_seq = ops.combine(
             x, handle, self.group_name, topk_weights=topk_weights, bias_0=biases[0], bias_1=biases[1],
             comm_seq=self._comm_seq)
+        self._advance(comm_seq)
         return combined, combined_w if topk_weights is not None else None, self._event(async_finish, x, previous_event)

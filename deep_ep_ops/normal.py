@@ -142,10 +142,14 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     send_counts = is_token_in_rank.sum(0)
     matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts, device=x.device)
     recv_totals = matrix.sum(0)
-    if num_worst_tokens > 0 and bool((recv_totals > num_worst_tokens).any()):
-        r = int((recv_totals > num_worst_tokens).nonzero()[0])
-        raise RuntimeError(f"deepep::dispatch: expected at most num_worst_tokens={num_worst_tokens} tokens received "
-                           f"per rank, got {int(recv_totals[r])} on rank {r}")
+    # Every rank holds the whole matrix, so all raise the same error before any row moves. Without
+    # num_worst_tokens the bound is the int32 of the handle's prefix sums and recv_src_idx.
+    limit = num_worst_tokens if num_worst_tokens > 0 else checks.INT32_MAX
+    if bool((recv_totals > limit).any()):
+        r = int((recv_totals > limit).nonzero()[0])
+        what = f"num_worst_tokens={limit}" if num_worst_tokens > 0 else f"{limit} (the handle is int32)"
+        raise RuntimeError(f"deepep::dispatch: expected at most {what} tokens received per rank, got "
+                           f"{int(recv_totals[r])} on rank {r}")
     recv, recv_meta = _exchange(group_ctx, op, seq, data, meta, Route(is_token_in_rank, matrix, rank))
 
     n = recv.shape[0]

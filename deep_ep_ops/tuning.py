@@ -1,13 +1,18 @@
 """DeepEP's ``Config``, its per-rank-count tuning tables and its buffer size hints.
 
-The ``all_to_all`` transport allocates per call, so these numbers tune nothing here. They exist so that
+The ``all_to_all`` transport allocates per call, so these numbers tune nothing there. They exist so that
 code that sizes buffers the DeepEP way runs unchanged and gets the same numbers as with DeepEP (same
-formulas as DeepEP's ``config.hpp``).
+formulas as DeepEP's ``config.hpp``). The ``shm`` backend sizes its rings from ``num_nvl_bytes`` and its
+low-latency slots from ``num_rdma_bytes``; given the real ``num_topk``, the hints size for it instead of
+DeepEP's worst case (128 top-k entries per token, every expert reached by every token).
 """
 
 from __future__ import annotations
 
 import bisect
+
+from . import _handshake
+from .transports import _shm_engine
 
 _NUM_MAX_NVL_PEERS = 8
 _NUM_MAX_TOPK = 128
@@ -45,28 +50,34 @@ class Config:
                 f"{self.num_max_nvl_chunked_recv_tokens}), rdma=({self.num_max_rdma_chunked_send_tokens}, "
                 f"{self.num_max_rdma_chunked_recv_tokens}))")
 
-    def _per_token_bytes(self, hidden_bytes: int) -> int:
-        return (hidden_bytes + _SOURCE_META_BYTES + _NUM_MAX_TOPK * 8 + _NUM_MAX_TOPK * 4
-                + _NUM_MAX_SCALES * 4)
+    def _per_token_bytes(self, hidden_bytes: int, num_topk: int | None) -> int:
+        # DeepEP reserves room for kNumMaxTopK expert ids (int64) and weights (float32) in every token slot.
+        topk = _NUM_MAX_TOPK if num_topk is None else num_topk
+        return hidden_bytes + _SOURCE_META_BYTES + topk * 8 + topk * 4 + _NUM_MAX_SCALES * 4
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of NVLink buffer DeepEP needs for ``hidden_bytes`` per token on ``num_ranks`` ranks."""
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int | None = None) -> int:
+        """Bytes of NVLink buffer DeepEP needs for ``hidden_bytes`` per token on ``num_ranks`` ranks.
+
+        Args:
+            num_topk: the real top-k, instead of DeepEP's room for 128 (``None``: DeepEP's number).
+        """
         rdma_ranks = max(num_ranks // _NUM_MAX_NVL_PEERS, 1)
         nvl_ranks = min(num_ranks, _NUM_MAX_NVL_PEERS)
         channels = self.num_sms // 2
         size = channels * nvl_ranks * (2 * rdma_ranks + 3) * 4
-        size += channels * nvl_ranks * self.num_max_nvl_chunked_recv_tokens * self._per_token_bytes(hidden_bytes)
+        size += (channels * nvl_ranks * self.num_max_nvl_chunked_recv_tokens
+                 * self._per_token_bytes(hidden_bytes, num_topk))
         return _align(size)
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA buffer DeepEP needs (0 within one node of up to 8 ranks)."""
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, num_topk: int | None = None) -> int:
+        """Bytes of RDMA buffer DeepEP needs (0 within one node of up to 8 ranks); ``num_topk`` as above."""
         if num_ranks <= _NUM_MAX_NVL_PEERS:
             return 0
         rdma_ranks = num_ranks // _NUM_MAX_NVL_PEERS
         channels = self.num_sms // 2
         slots = channels * rdma_ranks * self.num_max_rdma_chunked_recv_tokens
         size = channels * rdma_ranks * (_NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4
-        size += slots * (self._per_token_bytes(hidden_bytes) + 16) * 2
+        size += slots * (self._per_token_bytes(hidden_bytes, num_topk) + 16) * 2
         return _align(size)
 
 
@@ -97,9 +108,45 @@ def combine_config(num_ranks: int, num_sms: int) -> Config:
 
 
 def low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                               num_experts: int) -> int:
+                               num_experts: int, num_topk: int | None = None, element_size: int = 2,
+                               num_shared_expert_ranks: int = 0) -> int:
+    """Bytes of ``num_rdma_bytes`` that low-latency exchanges need.
+
+    Without ``num_topk``: DeepEP's own number (its formula sizes for every expert, so its send and receive
+    buffers hold ``num_experts * M`` rows each), raised to :func:`low_latency_slot_bytes` for the worst
+    top-k when that is larger (only for tiny ``hidden`` and ``M``). With ``num_topk``: exactly what this
+    implementation's bounded slots need (:func:`low_latency_slot_bytes`), usually several times less.
+    """
+    need = low_latency_slot_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, num_topk,
+                                  element_size, num_shared_expert_ranks)
+    if num_topk is not None:
+        return need
+    return max(_deepep_low_latency_size(num_max_dispatch_tokens_per_rank, hidden, num_experts), need)
+
+
+def low_latency_slot_bytes(m: int, hidden: int, num_ranks: int, num_experts: int, num_topk: int | None,
+                           element_size: int = 2, num_shared_expert_ranks: int = 0) -> int:
+    """The slot segment of the ``shm`` backend's bounded slots (``transports/_shm_slots``) for these settings.
+
+    Each rank receives into ``2 * R`` slots (one per source and half). A slot holds one exchange: the
+    handshake header and a chunk of ``M * min(K, L)`` rows (``M`` to a shared-expert rank), each row the
+    widest of the dispatch wire formats (payload of ``element_size`` bytes, FP8 with per-128 scales, or INT8
+    with a per-row scale, plus the 8-byte ``[local expert, token]`` metadata) and the combine rows
+    (``hidden * element_size``). ``num_topk=None`` takes the worst case, ``K >= L``.
+    """
+    num_local_experts = num_experts // max(num_ranks - num_shared_expert_ranks, 1)
+    k = num_local_experts if num_topk is None else min(num_topk, num_local_experts)
+    cap = max(m * k, m if num_shared_expert_ranks else 0)
+    row = max(_align(hidden * element_size, 8) + 8,  # payload as is, then [local expert, token] int32
+              _align(hidden, 8) + _align(-(-hidden // 128) * 4, 8) + 8,  # FP8 and its float32 scales
+              _align(hidden, 8) + 8 + 8,  # INT8 and its float32 row scale
+              hidden * element_size)  # combine: the expert outputs as they are
+    header = _align((_handshake._COUNTS + 2 * num_ranks) * 8, 64)
+    return _shm_engine.slot_segment_bytes(num_ranks, _align(header + cap * row, 64))
+
+
+def _deepep_low_latency_size(num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> int:
     """DeepEP's low-latency RDMA buffer size (two halves of send, receive and signaling buffers)."""
-    del num_ranks  # DeepEP's layout does not depend on it
     num_scales = hidden // 128
     dispatch_msg = 16 + max(hidden * 2, hidden + num_scales * 4)
     combine_msg = num_scales * 4 + hidden * 2

@@ -16,6 +16,15 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 PAYLOAD_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8, torch.uint8)
 QUANT_MODES = ("none", "int8")
 
+# --- limits (README "Limits" has the table and the reasons) -------------------------------------------
+
+#: Largest value of the int32 index and count tensors: token indices (``recv_src_idx``, ``src_info``,
+#: ``send_head``), per-expert counts, the handle's prefix sums, and the 32-bit halves of ``layout_range``.
+INT32_MAX = 2**31 - 1
+#: Largest ``num_topk``: DeepEP's ``kNumMaxTopK``, the top-k room per token in its normal-mode buffer formulas
+#: (``tuning.Config`` size hints); it also bounds the O(K^2)-per-token duplicate check of the low-latency plan.
+MAX_TOPK = 128
+
 
 def expect(cond, op: str, expected: str, got, hint: str | None = None) -> None:
     """``torch._check(cond)`` with the project's message format."""
@@ -47,6 +56,8 @@ def check_tensor(t, op: str, name: str, ndim: int, dtypes, device: torch.device 
 
 def check_num_experts(op: str, num_experts: int, num_routed_ranks: int) -> None:
     expect(num_experts > 0, op, "num_experts > 0", num_experts)
+    expect(num_experts <= INT32_MAX, op, f"num_experts <= {INT32_MAX} (expert counts and local ids are int32)",
+           num_experts)
     expect(num_experts % num_routed_ranks == 0, op,
            f"num_experts divisible by the {num_routed_ranks} ranks that host routed experts", num_experts)
 
@@ -57,6 +68,7 @@ def check_topk(op: str, topk_idx, topk_weights, num_tokens, device, weights_requ
         check_tensor(topk_idx, op, "topk_idx", 2, torch.int64, device)
         expect(topk_idx.shape[0] == num_tokens, op, f"topk_idx with {num_tokens} rows like x",
                f"shape {_shape(topk_idx)}")
+        check_num_topk(op, topk_idx.shape[1])
     if topk_weights is not None:
         check_tensor(topk_weights, op, "topk_weights", 2, torch.float32, device)
         expect(topk_weights.shape[0] == num_tokens, op, f"topk_weights with {num_tokens} rows like x",
@@ -69,9 +81,24 @@ def check_topk(op: str, topk_idx, topk_weights, num_tokens, device, weights_requ
         expect(topk_weights is not None, op, "topk_weights", None)
 
 
+def check_num_topk(op: str, num_topk) -> None:
+    expect(num_topk <= MAX_TOPK, op, f"num_topk <= {MAX_TOPK}", num_topk,
+           hint="DeepEP's kNumMaxTopK, which the buffer size hints assume")
+
+
+def check_num_tokens(op: str, num_tokens, num_topk=None) -> None:
+    """Token indices are int32, and so are per-expert counts, which count every (token, slot) selection."""
+    expect(num_tokens <= INT32_MAX, op, f"num_tokens <= {INT32_MAX} (token indices are int32)", num_tokens)
+    if num_topk is not None:
+        expect(num_tokens * num_topk <= INT32_MAX, op,
+               f"num_tokens * num_topk <= {INT32_MAX} (per-expert counts are int32)", num_tokens * num_topk)
+
+
 def check_layout(topk_idx, num_experts: int, num_ranks: int, num_ranks_per_node: int) -> None:
     op = "get_dispatch_layout"
     check_tensor(topk_idx, op, "topk_idx", 2, torch.int64)
+    check_num_topk(op, topk_idx.shape[1])
+    check_num_tokens(op, topk_idx.shape[0], topk_idx.shape[1])
     check_num_experts(op, num_experts, num_ranks)
     expect(num_ranks_per_node >= 1 and num_ranks % num_ranks_per_node == 0, op,
            f"num_ranks_per_node dividing num_ranks = {num_ranks}", num_ranks_per_node)
@@ -80,6 +107,8 @@ def check_layout(topk_idx, num_experts: int, num_ranks: int, num_ranks_per_node:
 def check_payload(op: str, x, x_scales, quant_mode: str = "none") -> None:
     """``x`` ``[N, H]`` payload, optionally FP8 with ``x_scales`` ``[N, S]``, and the wire quantization."""
     check_tensor(x, op, "x", 2, PAYLOAD_DTYPES)
+    expect(x.shape[1] >= 1, op, "hidden >= 1", x.shape[1])
+    check_num_tokens(op, x.shape[0])
     expect(quant_mode in QUANT_MODES, op, f"quant_mode in {list(QUANT_MODES)}", repr(quant_mode))
     if x_scales is not None:
         check_tensor(x_scales, op, "x_scales", 2, (torch.float32, torch.int32), x.device)
@@ -132,7 +161,7 @@ def check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_to
     expect(topk_idx is not None or num_tokens_per_expert is not None, op,
            "topk_idx or num_tokens_per_expert to count tokens per expert", "neither")
     expect(expert_alignment >= 1, op, "expert_alignment >= 1", expert_alignment)
-    expect(num_worst_tokens >= 0, op, "num_worst_tokens >= 0", num_worst_tokens)
+    expect(0 <= num_worst_tokens <= INT32_MAX, op, f"num_worst_tokens in [0, {INT32_MAX}]", num_worst_tokens)
     expect(expert_token_nums_type in (0, 1), op, "expert_token_nums_type (MOE_EXPERT_TOKEN_NUMS_TYPE) in [0, 1]",
            expert_token_nums_type)
 
@@ -164,13 +193,21 @@ def check_combine(x, handle, topk_weights, bias_0, bias_1, num_ranks: int) -> No
                        f"[{num_tokens}, {x.shape[1]}]", f"shape {_shape(bias)}")
 
 
+def check_rows_per_expert(op: str, m: int, num_ranks: int) -> None:
+    """``M >= 1`` and ``R * M`` rows per expert indexable by int32 (``src_info``, counts, ``layout_range``)."""
+    expect(m >= 1, op, "num_max_dispatch_tokens_per_rank >= 1", m)
+    expect(num_ranks * m <= INT32_MAX, op, f"num_ranks * num_max_dispatch_tokens_per_rank <= {INT32_MAX} (rows per "
+           f"expert are indexed by int32)", f"{num_ranks} * {m}")
+
+
 def check_low_latency_dispatch(x, topk_idx, m: int, num_experts: int, num_ranks: int, use_fp8: bool,
                                round_scale: bool, use_ue8m0: bool, quant_mode: str, num_shared: int,
                                expert_token_nums_type: int, op: str = "low_latency_dispatch") -> None:
     check_tensor(x, op, "x", 2, FLOAT_DTYPES)
+    expect(x.shape[1] >= 1, op, "hidden >= 1", x.shape[1])
     check_topk(op, topk_idx, None, x.shape[0], x.device)
     expect(topk_idx is not None, op, "topk_idx", None)
-    expect(m >= 1, op, "num_max_dispatch_tokens_per_rank >= 1", m)
+    check_rows_per_expert(op, m, num_ranks)
     expect(x.shape[0] <= m, op, f"num_tokens <= num_max_dispatch_tokens_per_rank = {m}", x.shape[0])
     expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
     check_num_experts(op, num_experts, num_ranks - num_shared)
@@ -189,6 +226,7 @@ def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range,
     op = "low_latency_combine"
     expect(0 <= num_shared < num_ranks, op, f"MOE_SHARED_EXPERT_RANK_NUM in [0, {num_ranks - 1}]", num_shared)
     check_num_experts(op, num_experts, num_ranks - num_shared)
+    check_rows_per_expert(op, m, num_ranks)
     num_local_experts = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
     check_tensor(x, op, "x", 3, FLOAT_DTYPES)
     expect(_shape(x)[:2] == [num_local_experts, num_ranks * m], op,

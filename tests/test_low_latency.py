@@ -157,7 +157,7 @@ ERRORS = [
      r"deepep::low_latency_dispatch: expected a Buffer built with low_latency_mode=True \(as DeepEP requires\), "
      r"got low_latency_mode=False"),
     (dict(low_latency_mode=True, num_rdma_bytes=1024), {}, RuntimeError,
-     r"expected num_rdma_bytes >= \d+ \(get_low_latency_rdma_size_hint\(6, 512, 1, 8\)\), got 1024"),
+     r"expected num_rdma_bytes >= \d+ \(get_low_latency_rdma_size_hint\(6, 512, 1, 8, num_topk=3\)\), got 1024"),
     (dict(low_latency_mode=True), dict(quant_mode="fp4"), ValueError,
      r"expected quant_mode in \[None, 'none', 'bf16', 'int8'\], got 'fp4'"),
     (dict(low_latency_mode=True), dict(async_finish=True, return_recv_hook=True), ValueError,
