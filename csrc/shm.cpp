@@ -66,6 +66,9 @@ inline Run next_run(int64_t position, int64_t limit_counter, int64_t row_bytes, 
                     bool sending, int64_t max_rows) {
   int64_t offset = position % ring_bytes;
   if (offset + row_bytes > ring_bytes) {
+    // A sender whose rows were all read may count the skipped tail as free: without that, a ring holding
+    // fewer than two rows of this size after a run of another size would wait for bytes nobody will read.
+    if (sending && limit_counter >= position) limit_counter = position + ring_bytes - offset;
     position += ring_bytes - offset;
     offset = 0;
   }

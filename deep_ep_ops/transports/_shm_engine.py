@@ -98,6 +98,10 @@ def _run(position: int, consumed_or_written: int, row_bytes: int, ring_bytes: in
     """
     offset = position % ring_bytes
     if offset + row_bytes > ring_bytes:
+        if sending and consumed_or_written >= position:
+            # Every row written was read, so the skipped tail is free as well; without this, a ring holding
+            # fewer than two rows of this size after a run of another size waits for bytes nobody reads.
+            consumed_or_written = position + ring_bytes - offset
         position += ring_bytes - offset
         offset = 0
     limit = (consumed_or_written + ring_bytes - position) if sending else (consumed_or_written - position)
