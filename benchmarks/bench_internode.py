@@ -134,6 +134,7 @@ def worker(args) -> None:
                                    args.iters, args.warmup, dist.group.WORLD)
     if rank == 0:
         print(_PREFIX + json.dumps({"rows": rows, "a2a_ms": _median(baseline) * 1e3}), flush=True)
+    dist.barrier()  # nobody tears gloo down while a peer may still be talking to it
     dist.destroy_process_group()
 
 

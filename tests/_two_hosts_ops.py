@@ -48,6 +48,7 @@ def main() -> None:
     ran["low_latency_fused_autograd"] = test_hierarchical_dist.run_low_latency_fused_autograd(rank, world, world // 2)
     if rank == 0:
         print("TWO_HOSTS " + json.dumps({"detected": detected, "ran": ran}), flush=True)
+    dist.barrier()  # nobody tears gloo down while a peer may still be talking to it
     dist.destroy_process_group()
 
 

@@ -59,6 +59,7 @@ def main() -> None:
         "markers": markers, "shm_files": shm_files, "all": seen}) + "\n"
     sys.stdout.flush()
     os.write(sys.stdout.fileno(), line.encode())
+    dist.barrier()  # nobody tears gloo down while a peer may still be talking to it
     dist.destroy_process_group()
     if standalone:  # the real /dev/shm: leave nothing (on a simulated host the tmpfs goes away)
         os.unlink(f"/dev/shm/{token}-rank{rank}")

@@ -213,6 +213,7 @@ def main(argv=None) -> None:
               f"{'compiled with ' + args.backend if args.compile else 'eager'}", flush=True)
     try:
         train(args)
+        dist.barrier()  # nobody tears gloo down while a peer may still be talking to it
     finally:
         dist.destroy_process_group()
 
