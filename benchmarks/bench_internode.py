@@ -98,10 +98,11 @@ def worker(args) -> None:
         times, link, sent = {"dispatch": [], "combine": []}, {"dispatch": 0, "combine": 0}, {}
         for it in range(args.warmup + args.iters):
             buf.get_bytes_sent(reset=True)
-            (recv_x, _, recv_w, _, handle, _), t_d, tx_d = _phase(lambda: buf.dispatch(
+            dispatched, t_d, tx_d = _phase(lambda: buf.dispatch(
                 x, topk_idx=idx, topk_weights=weights, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert), ifname, local_rank)
             sent["dispatch"] = buf.get_bytes_sent(reset=True)
+            recv_x, _, recv_w, _, handle, _ = dispatched
             _, t_c, tx_c = _phase(lambda: buf.combine(recv_x, handle, topk_weights=recv_w), ifname, local_rank)
             sent["combine"] = buf.get_bytes_sent(reset=True)
             if it >= args.warmup:

@@ -243,8 +243,8 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm
     rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
     settings = CombineSettings(x.shape[1], dtype_code(x.dtype), _width(topk_weights), _fingerprint(rank_prefix_matrix))
     back = is_token_in_rank.sum(0)
-    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=per_source, expect_counts=back,
-                              device=x.device)
+    _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=per_source, expect_counts=back,
+                     device=x.device)
     # The dispatch's whole traffic matrix (its handle holds the prefix sums over sources).
     dispatched = rank_prefix_matrix.long().diff(dim=0, prepend=rank_prefix_matrix.new_zeros(1, num_ranks).long())
     route = Route(is_token_in_rank, dispatched, rank, handle[3][:valid])

@@ -225,11 +225,17 @@ def normal_params(draw, world: int) -> dict:
     return p
 
 
-@st.composite
-def low_latency_params(draw, world: int) -> dict:
+def _placement(draw, world: int) -> tuple[int, dict, int]:
+    """``(shared-expert ranks, common params, M)`` of the low-latency and fused modes: ``M`` at least the
+    largest ``N``, sometimes with room to spare."""
     shared = draw(st.sampled_from((0, 0, 0, 0, 1, world - 1))) if world > 1 else 0
     p = draw(_common(world, world - shared))
-    m = max(max(p["tokens"]), 1) + draw(st.sampled_from((0, 0, 1, 7)))
+    return shared, p, max(max(p["tokens"]), 1) + draw(st.sampled_from((0, 0, 1, 7)))
+
+
+@st.composite
+def low_latency_params(draw, world: int) -> dict:
+    shared, p, m = _placement(draw, world)
     formats = ["bf16", "fp8", "fp8_round", "int8"]
     if p["num_experts"] * m * 512 <= 2 * LL_ELEMENTS:  # UE8M0 needs hidden % 512 == 0: a larger allowance
         formats.append("ue8m0")
@@ -254,9 +260,7 @@ def low_latency_params(draw, world: int) -> dict:
 
 @st.composite
 def fused_params(draw, world: int) -> dict:
-    shared = draw(st.sampled_from((0, 0, 0, 0, 1, world - 1))) if world > 1 else 0
-    p = draw(_common(world, world - shared))
-    m = max(max(p["tokens"]), 1) + draw(st.sampled_from((0, 0, 1, 7)))
+    shared, p, m = _placement(draw, world)
     hidden = draw(st.sampled_from((128, 128, 256, 512)))
     fits = [i for i in (32, 64, 128) if (p["num_experts"] + 1) * 2 * i * hidden <= FUSED_WEIGHT_ELEMENTS]
     if not fits:

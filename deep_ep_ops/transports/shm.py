@@ -27,7 +27,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from .. import _waits, compute
 from .._wire import dense
 from . import _segments, _shm_engine, _shm_slots
-from .base import Done, Transport
+from .base import Transport
 
 #: Ring bytes per source when ``num_nvl_bytes`` is 0: small enough to stay in cache, big enough for bursts.
 DEFAULT_RING_BYTES = 8 << 20
