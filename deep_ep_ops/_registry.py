@@ -10,6 +10,8 @@ built from the environment (``DEEP_USE_MODE``, ``DEEP_EP_OPS_RANKS_PER_NODE``, `
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import inspect
 from typing import Any
@@ -70,6 +72,18 @@ class GroupContext:
 
 
 _GROUPS: dict[str, GroupContext] = {}
+
+
+@atexit.register
+def _drop_all() -> None:
+    """At interpreter exit, while Python still runs: closes every backend and drops the contexts' references
+    to their process groups and pending exchanges. Otherwise a group outlives ``destroy_process_group`` here
+    and is destroyed during interpreter finalization, where gloo's worker threads can abort the process."""
+    while _GROUPS:
+        _, ctx = _GROUPS.popitem()
+        ctx.pending.clear()
+        with contextlib.suppress(Exception):
+            ctx.transport.close()
 
 
 def _kernels(choice: str) -> compute.Kernels:
