@@ -635,7 +635,11 @@ def _fused_check(rank: int, world: int, p: dict, s: dict, out: dict) -> None:
     dense = _dense_fp32(p, s, rank)
     if dense.numel() and float(dense.norm()) > 0:
         rel = float((fused.float() - dense).norm() / dense.norm())
-        bound = 4e-2 if p["quant_mode"] == 1 else 1e-2
+        # cases_fused's bounds, except W8A8 with a 32-wide intermediate: there the INT8 step of the
+        # intermediate activations (per token amax/127 over 32 heavy-tailed SwiGLU values) is larger relative
+        # to their RMS, and a rank with a few tokens measured 4.02e-2 (thorough profile, R4) while being
+        # bitwise equal to the reference and the unfused chain above.
+        bound = (6e-2 if p["intermediate"] <= 32 else 4e-2) if p["quant_mode"] == 1 else 1e-2
         assert rel < bound, f"relative error {rel:.4g} vs the float32 MoE exceeds {bound}"
 
 
