@@ -118,6 +118,12 @@ def _new_context(group: dist.ProcessGroup, transport: str | None, timeout_s: flo
     return ctx
 
 
+def node_context(group: dist.ProcessGroup, parent: GroupContext, transport: str) -> GroupContext:
+    """A context for ``group``, the ranks of one node of ``parent``'s group, with ``parent``'s timeout and
+    kernels, outside the registry: the backend that asked for it owns it (and closes it)."""
+    return _new_context(group, transport, parent.timeout_s, group.size(), parent.kernels.name)
+
+
 def get(group_name: str) -> GroupContext:
     """The context of ``group_name``, created from the environment on first use (a collective)."""
     ctx = _GROUPS.get(group_name)

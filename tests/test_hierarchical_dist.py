@@ -29,7 +29,7 @@ def bytes_per_path(rank: int, world: int, per_node: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from deep_ep_ops import Buffer
+    from deep_ep_ops import Buffer, _registry
 
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(64, 256, generator=g).bfloat16()
@@ -45,6 +45,9 @@ def bytes_per_path(rank: int, world: int, per_node: int) -> dict:
             dispatched = buf.get_bytes_sent(reset=True)
             buf.combine(recv_x, handle)
             out[transport] = (dispatched, buf.get_bytes_sent(reset=True))
+            if transport == "hierarchical":  # the stages inside a node ran on shared memory
+                node = _registry.get(buf.group_name).transport._node_ctx
+                out["node_backend"] = (node.transport.name, node.num_ranks, node.transport.bytes_sent["intra_node"])
         finally:
             buf.destroy()
     my_node = rank // per_node
@@ -69,6 +72,9 @@ def test_cross_node_bytes(pools, world_size, per_node):
         assert per_token_rank * row <= flat, (d, flat, per_token_rank)
         assert per_token_node * row <= hier <= per_token_node * (row + per_row_meta) + fixed * world_size, (d, hier)
         assert hier < flat, (d, hier, flat)
+    for r in results:
+        name, size, moved = r["node_backend"]
+        assert (name, size) == ("shm", per_node) and moved > 0, r["node_backend"]
 
 
 def run_low_latency_fused_autograd(rank: int, world: int, per_node: int) -> int:

@@ -20,14 +20,18 @@ remote node's partial sum, accumulating in fp32 and rounding once; a partial tra
 dtype (one rounding of its own, as in DeepEP). ``deep_ep_ops.reference.combine(num_ranks_per_node=)``
 defines exactly this sum. Cross-node traffic is one row per distinct (token, remote node) both ways.
 
-Both stages move their rows with the group's own ``all_to_all`` (zero rows to the ranks a stage does not
-talk to); the levels this module does not override (rows, bounded slots) are the flat ones. Bytes sent
-inside and across nodes are counted (``Transport.bytes_sent``).
+The cross-node stage moves its rows with the group's own ``all_to_all`` (zero rows to the ranks it does
+not talk to). The stages inside a node use the ``shm`` backend on a subgroup of the node's ranks when the
+tensors are on CPU (the node's ranks share a host by definition), else the group's ``all_to_all`` too: over
+gloo that would be TCP through the host's own network stack, several times the cost of a copy. The levels
+this module does not override (rows, bounded slots) are the flat ones. Bytes sent inside and across nodes
+are counted (``Transport.bytes_sent``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from .. import _waits
 from .all_to_all import AllToAllTransport
@@ -57,9 +61,27 @@ class HierarchicalTransport(AllToAllTransport):
         t = ctx.topology
         self.per_node, self.num_nodes = t.num_ranks_per_node, t.num_nodes
         self.node, self.local = divmod(self.rank, self.per_node)
+        self._node_ctx = self._node_context()
 
-    def _wait(self, pending):
-        return _waits.wait(self.ctx, pending, getattr(self.ctx, "op", None) or "hierarchical", self.ctx.seq)
+    def _node_context(self):
+        """The ``shm`` context of this node's ranks (a subgroup only they create), or ``None`` (one rank per
+        node, or tensors that live on a device)."""
+        if self.per_node == 1 or self.device.type != "cpu":
+            return None
+        from .. import _registry  # the registry builds transports: import it only once it is loaded
+
+        members = [dist.get_global_rank(self.group, q) for q in self._members(self.node)]
+        group = dist.new_group(members, use_local_synchronization=True)
+        return _registry.node_context(group, self.ctx, "shm")
+
+    def close(self) -> None:
+        if self._node_ctx is not None:
+            self._node_ctx.transport.close()
+            self._node_ctx = None
+        super().close()
+
+    def _wait(self, pending, ctx=None):
+        return _waits.wait(ctx or self.ctx, pending, getattr(self.ctx, "op", None) or "hierarchical", self.ctx.seq)
 
     def _rail(self, node: int) -> int:
         return node * self.per_node + self.local
@@ -68,14 +90,15 @@ class HierarchicalTransport(AllToAllTransport):
         return range(node * self.per_node, (node + 1) * self.per_node)
 
     def _start(self, chunks: dict[int, list], meta: dict[int, torch.Tensor], recv_counts: list[int],
-               width: int, meta_width: int) -> tuple:
+               width: int, meta_width: int, in_node: bool = False) -> tuple:
         """Starts sending rank ``r`` the rows ``chunks[r]`` (pairs ``(rows, index)``: ``rows[index]``, uint8
         ``[n, width]``) with one int32 ``[meta_width]`` record each (``meta[r]``); none to the others.
         :meth:`_finish` returns the rows (uint8 ``[Σ recv_counts, width]``) and records (int32
         ``[…, meta_width]``) from every rank in rank order.
 
         Rows are copied once, straight into the send buffer; records travel in a second, small exchange
-        (gluing them onto the rows would cost two more copies of the payload)."""
+        (gluing them onto the rows would cost two more copies of the payload). With ``in_node`` (every rank
+        of the exchange on this node) the exchange runs on the node's ``shm`` context when there is one."""
         sends = [sum(index.numel() for _, index in chunks.get(r, ())) for r in range(self.num_ranks)]
         send = self.outputs.empty((sum(sends), width), torch.uint8)
         offset = 0
@@ -85,11 +108,18 @@ class HierarchicalTransport(AllToAllTransport):
                 offset += index.numel()
         records = torch.cat([meta[r] for r in range(self.num_ranks) if r in meta]) if meta else \
             torch.empty(0, meta_width, dtype=torch.int32)
-        return (self.all_to_all(send, sends, recv_counts),
-                self.all_to_all(records.view(-1, meta_width), sends, recv_counts))
+        node = self._node_ctx if in_node else None
+        if node is None:
+            return (self.all_to_all(send, sends, recv_counts),
+                    self.all_to_all(records.view(-1, meta_width), sends, recv_counts), None)
+        self.count(sends, width)
+        local = self._members(self.node)
+        sends, recv_counts = sends[local.start:local.stop], recv_counts[local.start:local.stop]
+        return (node.transport.all_to_all(send, sends, recv_counts),
+                node.transport.all_to_all(records.view(-1, meta_width), sends, recv_counts), node)
 
     def _finish(self, pending: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._wait(pending[0]), self._wait(pending[1])
+        return self._wait(pending[0], pending[2]), self._wait(pending[1], pending[2])
 
     def _in_node(self, counts) -> list[int]:
         """``counts(q)`` for the ranks ``q`` of this node, 0 for the others."""
@@ -128,7 +158,7 @@ class HierarchicalTransport(AllToAllTransport):
             pick = (own_at[:, j] >= 0).nonzero().flatten()
             chunks[r], meta[r] = [(data, own[pick])], own_at[pick, j].view(-1, 1)
         received, received_at = self._finish(self._start(chunks, meta, self._in_node(lambda q: matrix[q, rank]),
-                                                         width, 1))
+                                                         width, 1, in_node=True))
         self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
         # Then the rows that came from other nodes, to the ranks of this node that need them.
         forwarded, forwarded_at = self._finish(across)
@@ -138,7 +168,8 @@ class HierarchicalTransport(AllToAllTransport):
             chunks[r], meta[r] = [(forwarded, pick)], forwarded_at[pick, j].view(-1, 1)
         # Rank q forwards here the rows of the sources on other nodes whose rail peer it is.
         received, received_at = self._finish(self._start(
-            chunks, meta, self._in_node(lambda q: sum(matrix[s, rank] for s in self._carried_by(q)[1:])), width, 1))
+            chunks, meta, self._in_node(lambda q: sum(matrix[s, rank] for s in self._carried_by(q)[1:])), width, 1,
+            in_node=True))
         self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
         return Done(out.view(rows.dtype).view(out.shape[0], *rows.shape[1:]))
 
@@ -169,7 +200,7 @@ class HierarchicalTransport(AllToAllTransport):
             chunks[r], meta[r] = [(data, pick)], tags[pick]
         got, got_meta = self._finish(self._start(chunks, meta, self._in_node(
             lambda q: sum(matrix[s, q] for s in range(self.num_ranks) if s // p != self.node and s % p == self.local)),
-            row_bytes, 2))
+            row_bytes, 2, in_node=True))
         got_meta = got_meta.long()
         # As forwarder: one partial sum per (remote source, token), over this node's ranks in rank order.
         key = got_meta[:, 0] * (1 << 32) + got_meta[:, 1]
@@ -193,7 +224,7 @@ class HierarchicalTransport(AllToAllTransport):
             pick = (home & (source == r)).nonzero().flatten()
             chunks[r], meta[r] = [(data, pick)], tags[pick, 1:]
         direct, direct_token = self._finish(self._start(chunks, meta, self._in_node(lambda q: matrix[rank, q]),
-                                                        row_bytes, 1))
+                                                        row_bytes, 1, in_node=True))
         partials, partial_at = self._finish(across)
         # Home: in node order, this node's rows rank by rank (as received), and each remote node's partial.
         partial_node = torch.repeat_interleave(
