@@ -138,7 +138,6 @@ class HierarchicalTransport(AllToAllTransport):
         position = torch.where(in_rank, before[rank] + head, -1).view(n, self.num_nodes, p).to(torch.int32)
         in_node = (position >= 0).any(2)  # [N, nodes]
         # Stage 1: one row per (token, remote node), to the forwarder there, with its positions in that node.
-        counts = torch.zeros(self.num_ranks, 1, dtype=torch.int64)
         chunks, meta = {}, {}
         forwarder = torch.arange(n) % p  # token t goes to rank t % P of each remote node: P flows per node pair
         for b in range(self.num_nodes):
@@ -146,11 +145,7 @@ class HierarchicalTransport(AllToAllTransport):
                 for j, r in enumerate(self._members(b)):
                     tokens = (in_node[:, b] & (forwarder == j)).nonzero().flatten()
                     chunks[r], meta[r] = [(data, tokens)], position[tokens, b]
-                    counts[r] = tokens.numel()
-        ones = [1] * self.num_ranks
-        incoming = self._wait(self.all_to_all(counts, ones, ones)).view(-1).tolist()
-        across = self._start(chunks, meta, [incoming[r] if r != rank else 0 for r in range(self.num_ranks)],
-                             width, p)
+        across = self._start(chunks, meta, self._incoming(chunks), width, p)
         # Stage 2, while stage 1 is on the wire: this node's own tokens to the ranks of this node that need them.
         out = self.outputs.empty((sum(route.counts()[1]), width), torch.uint8)
         own = in_node[:, self.node].nonzero().flatten()
@@ -168,14 +163,14 @@ class HierarchicalTransport(AllToAllTransport):
         for j, r in enumerate(self._members(self.node)):
             pick = (forwarded_at[:, j] >= 0).nonzero().flatten()
             chunks[r], meta[r] = [(forwarded, pick)], forwarded_at[pick, j].view(-1, 1)
-        received, received_at = self._finish(self._start(chunks, meta, self._counts_in_node(chunks), width, 1,
+        received, received_at = self._finish(self._start(chunks, meta, self._incoming(chunks), width, 1,
                                                          in_node=True))
         self.kernels.scatter_rows(out, received_at.view(-1).long(), received)
         return Done(out.view(rows.dtype).view(out.shape[0], *rows.shape[1:]))
 
-    def _counts_in_node(self, chunks: dict[int, list]) -> list[int]:
-        """What each rank of this node sends here in an exchange inside the node where this rank sends
-        ``chunks`` (a small exchange of counts; zeros to and from the other nodes)."""
+    def _incoming(self, chunks: dict[int, list]) -> list[int]:
+        """The rows each rank sends here in an exchange where this rank sends ``chunks`` (a small exchange of
+        counts over the whole group)."""
         counts = torch.zeros(self.num_ranks, 1, dtype=torch.int64)
         for r, pieces in chunks.items():
             counts[r] = sum(index.numel() for _, index in pieces)
@@ -201,7 +196,7 @@ class HierarchicalTransport(AllToAllTransport):
         for j, r in enumerate(self._members(self.node)):
             pick = (~home & (token % p == j)).nonzero().flatten()
             chunks[r], meta[r] = [(data, pick)], tags[pick]
-        got, got_meta = self._finish(self._start(chunks, meta, self._counts_in_node(chunks), row_bytes, 2,
+        got, got_meta = self._finish(self._start(chunks, meta, self._incoming(chunks), row_bytes, 2,
                                                  in_node=True))
         got_meta = got_meta.long()
         # As forwarder: one partial sum per (remote source, token), over this node's ranks in rank order.
