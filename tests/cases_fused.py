@@ -52,9 +52,10 @@ def local_weights(case: FusedCase, world: int, rank: int):
     return make_fused_weights(w13[sl], w2[sl], case.quant_mode), (w13[sl], w2[sl])
 
 
-def dense_fp32(case: FusedCase, x, idx, w, rank: int) -> torch.Tensor:
-    """The MoE output in float32 with the original (unquantized) weights."""
-    w13, w2 = expert_weights(case, case.base.num_experts)
+def dense_moe(x, idx, w, w13, w2, shared_expert: int | None) -> torch.Tensor:
+    """The MoE output in float32 with unquantized weights ``w13`` ``[E', 2I, H]`` and ``w2`` ``[E', H, I]``:
+    every slot's expert (duplicate ids count per slot), plus expert ``shared_expert`` for every token when
+    given."""
     xf = x.float()
 
     def ffn(e, rows):
@@ -68,9 +69,15 @@ def dense_fp32(case: FusedCase, x, idx, w, rank: int) -> torch.Tensor:
             if e >= 0:
                 rows = (idx[:, k] == e).nonzero().flatten()
                 out[rows] += w[rows, k:k + 1] * ffn(e, xf[rows])
-    if case.base.shared:
-        out += ffn(case.base.num_experts, xf)
+    if shared_expert is not None:
+        out += ffn(shared_expert, xf)
     return out
+
+
+def dense_fp32(case: FusedCase, x, idx, w, rank: int) -> torch.Tensor:
+    """The MoE output in float32 with the original (unquantized) weights."""
+    w13, w2 = expert_weights(case, case.base.num_experts)
+    return dense_moe(x, idx, w, w13, w2, case.base.num_experts if case.base.shared else None)
 
 
 def fused_vs_unfused(rank: int, world: int, case: FusedCase) -> dict:

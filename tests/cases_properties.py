@@ -80,6 +80,7 @@ from hypothesis import strategies as st
 
 from _data import odd_empty
 from benchmarks._chains import unfused_deep_moe
+from cases_fused import dense_moe
 from cases_low_latency import dequant, wire_kwargs
 from cases_normal import _to_float, assert_same, env
 import deep_ep_ops
@@ -645,23 +646,8 @@ def _fused_check(rank: int, world: int, p: dict, s: dict, out: dict) -> None:
 
 def _dense_fp32(p: dict, s: dict, rank: int) -> torch.Tensor:
     """This rank's MoE output in float32 with the unquantized weights (duplicate ids count per slot)."""
-    x, idx, w = s["xs"][rank].float(), s["inp"]["topk_idx"][rank], s["inp"]["topk_weights"][rank]
-    w13, w2 = s["w13"], s["w2"]
-
-    def ffn(e, rows):
-        gate_up = rows @ w13[e].t()
-        i = gate_up.shape[1] // 2
-        return (torch.nn.functional.silu(gate_up[:, :i]) * gate_up[:, i:]) @ w2[e].t()
-
-    out = torch.zeros_like(x)
-    for k in range(idx.shape[1]):
-        for e in idx[:, k].unique().tolist():
-            if e >= 0:
-                rows = (idx[:, k] == e).nonzero().flatten()
-                out[rows] += w[rows, k:k + 1] * ffn(e, x[rows])
-    if p["shared"]:
-        out += ffn(p["num_experts"], x)
-    return out
+    return dense_moe(s["xs"][rank], s["inp"]["topk_idx"][rank], s["inp"]["topk_weights"][rank], s["w13"], s["w2"],
+                     p["num_experts"] if p["shared"] else None)
 
 
 def features(mode: str, p: dict) -> list[str]:
