@@ -21,6 +21,11 @@
 #define DEEPEP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
 namespace deepep {
+
+int64_t plan_total(int64_t num_experts, int64_t num_ranks, int64_t k, int64_t m, int64_t num_shared);
+void plan_rows(const int64_t* idx, int64_t n, int64_t k, int64_t num_experts, int64_t num_ranks, int64_t rank,
+               int64_t m, int64_t num_shared, int64_t* slot, int64_t* counts, int64_t* source, int32_t* meta);
+
 namespace {
 
 // Bytes per row of a [n, ...] tensor whose rows are dense, and the byte distance between rows.
@@ -92,63 +97,18 @@ void permute_rows(const at::Tensor& out, const at::Tensor& out_index, const at::
 
 // --- low-latency index arithmetic (deep_ep_ops/_ll_plan.py is the specification) ------------------------
 
-// The send plan: each distinct (token, expert) selection takes one row of its destination's chunk, rows of
-// a chunk ordered by (local expert, token); duplicate ids reuse their first slot's row; with shared-expert
-// ranks, every token also takes a row of shared rank (rank + t) % S.
+// The send plan as tensors (the core is plan_rows in low_latency.cpp, which the shm fast path shares).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ll_plan(const at::Tensor& topk_idx_t, int64_t num_experts,
                                                                    int64_t num_ranks, int64_t rank, int64_t m,
                                                                    int64_t num_shared) {
   const auto topk_idx = topk_idx_t.contiguous();
   const int64_t n = topk_idx.size(0), k = topk_idx.size(1), cols = k + (num_shared > 0 ? 1 : 0);
-  const int64_t local = num_experts / (num_ranks - num_shared), width = std::max<int64_t>(local, 1);
-  const int64_t routed_cap = m * std::min(k, local);
-  std::vector<int64_t> offset(num_ranks + 1, 0);
-  for (int64_t d = 0; d < num_ranks; ++d) offset[d + 1] = offset[d] + (d < num_shared ? m : routed_cap);
-  const int64_t total = offset[num_ranks];
-  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  const int64_t total = plan_total(num_experts, num_ranks, k, m, num_shared);
   auto opts = topk_idx.options();
   at::Tensor slot = at::empty({n, cols}, opts), counts = at::zeros({num_ranks}, opts);
-  at::Tensor source = at::full({total}, n, opts), meta = at::full({total, 2}, -1, opts.dtype(at::kInt));
-  int64_t *sl = slot.data_ptr<int64_t>(), *cn = counts.data_ptr<int64_t>(), *src = source.data_ptr<int64_t>();
-  int32_t* mt = meta.data_ptr<int32_t>();
-  // dest * width + local of entry (t, j), or -1; a duplicate id points at its first slot (-2 - first).
-  std::vector<int64_t> key(n * cols), fill(num_ranks * width, 0), start(num_ranks * width, 0);
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t e = idx[t * k + j];
-      int64_t first = j;
-      for (int64_t q = 0; q < j; ++q)
-        if (idx[t * k + q] == e) { first = q; break; }
-      const bool valid = e >= 0 && e < num_experts;  // out of range: the handshake fails every rank
-      key[t * cols + j] = !valid ? -1 : first != j ? -2 - first : (num_shared + e / local) * width + e % local;
-    }
-    if (num_shared) key[t * cols + k] = ((rank + t) % num_shared) * width;
-    for (int64_t j = 0; j < cols; ++j)
-      if (key[t * cols + j] >= 0) ++fill[key[t * cols + j]];
-  }
-  for (int64_t d = 0; d < num_ranks; ++d) {
-    int64_t at_row = offset[d];
-    for (int64_t l = 0; l < width; ++l) {
-      start[d * width + l] = at_row;
-      at_row += fill[d * width + l];
-      fill[d * width + l] = 0;
-    }
-    cn[d] = at_row - offset[d];
-  }
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const int64_t key_j = key[t * cols + j];
-      if (key_j < 0) {
-        sl[t * cols + j] = key_j == -1 ? total : sl[t * cols + (-2 - key_j)];
-        continue;
-      }
-      const int64_t row = start[key_j] + fill[key_j]++;
-      sl[t * cols + j] = row;
-      src[row] = t;
-      mt[2 * row] = static_cast<int32_t>(key_j % width);
-      mt[2 * row + 1] = static_cast<int32_t>(t);
-    }
-  }
+  at::Tensor source = at::empty({total}, opts), meta = at::empty({total, 2}, opts.dtype(at::kInt));
+  plan_rows(topk_idx.data_ptr<int64_t>(), n, k, num_experts, num_ranks, rank, m, num_shared, slot.data_ptr<int64_t>(),
+            counts.data_ptr<int64_t>(), source.data_ptr<int64_t>(), meta.data_ptr<int32_t>());
   return {slot, counts, source, meta};
 }
 
@@ -288,6 +248,12 @@ void store(T* out, const float* acc, int64_t n) {
 void accumulate_row(float* acc, const void* row, at::ScalarType dtype, int64_t n) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_row",
                                   [&] { accumulate(acc, static_cast<const scalar_t*>(row), n); });
+}
+
+// Shared with low_latency.cpp: adds ``w`` times one row (rounded product, then the sum, as torch does).
+void accumulate_scaled_row(float* acc, const void* row, float w, at::ScalarType dtype, int64_t n) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "accumulate_scaled_row",
+                                  [&] { accumulate_scaled(acc, static_cast<const scalar_t*>(row), w, n); });
 }
 
 void store_accumulated(void* out, const float* acc, at::ScalarType dtype, int64_t n) {

@@ -10,11 +10,10 @@
 #include <torch/library.h>
 #include <ATen/Dispatch.h>
 
-#include <sched.h>
-
-#include <chrono>
 #include <cstring>
 #include <vector>
+
+#include "shm_protocol.h"
 
 namespace deepep {
 
@@ -23,39 +22,7 @@ void store_accumulated(void* out, const float* acc, at::ScalarType dtype, int64_
 
 namespace {
 
-constexpr int64_t kWordsPerSource = 16;
-
-inline int64_t* words(const at::Tensor& segment) { return reinterpret_cast<int64_t*>(segment.data_ptr()); }
-inline char* bytes(const at::Tensor& segment) { return static_cast<char*>(segment.data_ptr()); }
-inline int64_t* written(const at::Tensor& segment, int64_t source) { return words(segment) + 8 + kWordsPerSource * source; }
-inline int64_t* consumed(const at::Tensor& segment, int64_t source) { return written(segment, source) + 8; }
-inline int64_t* stamp(const at::Tensor& segment, int64_t source, int64_t half) {
-  return words(segment) + 8 + kWordsPerSource * (2 * source + half);
-}
-
-inline int64_t load(const int64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
-inline void publish(int64_t* p, int64_t v) {
-  __atomic_thread_fence(__ATOMIC_SEQ_CST);
-  __atomic_store_n(p, v, __ATOMIC_RELEASE);
-}
-
-// Bounded waiting: spin a little, then yield; ``expired`` says when the budget of this call is spent.
-class Waiter {
- public:
-  explicit Waiter(double budget_s)
-      : deadline_(std::chrono::steady_clock::now() +
-                  std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(budget_s))) {}
-  bool idle() {  // true when the budget is spent
-    if (++spins_ > 64) sched_yield();
-    else __builtin_ia32_pause();
-    return std::chrono::steady_clock::now() >= deadline_;
-  }
-  void progress() { spins_ = 0; }
-
- private:
-  std::chrono::steady_clock::time_point deadline_;
-  int spins_ = 0;
-};
+using namespace shm;
 
 // The next contiguous run of whole rows at stream ``position`` (see _shm_engine._run).
 struct Run {
@@ -75,12 +42,6 @@ inline Run next_run(int64_t position, int64_t limit_counter, int64_t row_bytes, 
   const int64_t limit = sending ? limit_counter + ring_bytes - position : limit_counter - position;
   int64_t rows = std::min({remaining, (ring_bytes - offset) / row_bytes, limit / row_bytes, max_rows});
   return {position, std::max<int64_t>(rows, 0)};
-}
-
-std::vector<int64_t> prefix(c10::IntArrayRef counts) {
-  std::vector<int64_t> out(counts.size() + 1, 0);
-  for (size_t i = 0; i < counts.size(); ++i) out[i + 1] = out[i] + counts[i];
-  return out;
 }
 
 // Pushes what fits of this rank's rows for every peer into the peers' rings; true if any row moved.

@@ -50,10 +50,9 @@ def header(ctx, op: str, seq: int, settings: tuple, *, send_counts: torch.Tensor
             (``None``: ``-1``, the receiver learns its counts from the handshake).
     """
     num_ranks = ctx.num_ranks
-    assert len(settings) <= MAX_SETTINGS, f"{type(settings).__name__} has more than {MAX_SETTINGS} fields"
     sends = [0] * num_ranks if send_counts is None else send_counts.tolist()
     expects = [-1] * num_ranks if expect_counts is None else expect_counts.tolist()
-    row = [MAGIC, OPS.index(op), seq, *status, *settings, *([0] * (MAX_SETTINGS - len(settings))), *sends, *expects]
+    row = header_row(op, seq, settings, sends, expects, status)
     if torch.device(device).type == "cpu":
         return torch.tensor([row] * num_ranks, dtype=torch.int64)
     # On accelerators: fills with scalar arguments, not a host-to-device copy, so that graphs can capture it.
@@ -62,6 +61,13 @@ def header(ctx, op: str, seq: int, settings: tuple, *, send_counts: torch.Tensor
         if value:
             rows[:, j].fill_(value)
     return rows
+
+
+def header_row(op: str, seq: int, settings: tuple, sends: list[int], expects: list[int],
+               status: tuple[int, int, int, int] = STATUS_OK) -> list[int]:
+    """One row of :func:`header` as a list (the same row goes to every rank when the counts are per rank)."""
+    assert len(settings) <= MAX_SETTINGS, f"{type(settings).__name__} has more than {MAX_SETTINGS} fields"
+    return [MAGIC, OPS.index(op), seq, *status, *settings, *([0] * (MAX_SETTINGS - len(settings))), *sends, *expects]
 
 
 def set_status(rows: torch.Tensor, status: torch.Tensor) -> None:

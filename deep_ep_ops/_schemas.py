@@ -129,3 +129,13 @@ lib.define("_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tens
 lib.define("_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
            "Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, Tensor(b!) out, "
            "Tensor(c!) recv_counts, Tensor(d!)? recv_header, int[] recv_caps, int rank, float budget_s) -> int")
+# The low-latency ops on shm in one call each (deep_ep_ops/transports/_shm_low_latency.py): 1 done, 0 budget
+# spent (call again), 2 a peer's header disagrees (read recv_header).
+lib.define("_shm_ll_dispatch(Tensor(a!)[] segments, int[] geometry, int seq, int[] header, Tensor data, "
+           "Tensor? scales, Tensor topk_idx, int[] format, int m, int num_experts, int num_shared, int rank, "
+           "int expert_token_nums_type, Tensor(b!) packed, Tensor(c!) packed_scales, Tensor(d!) count, "
+           "Tensor(e!) src_info, Tensor(f!) layout_range, Tensor(g!) recv_header, Tensor(h!) state, "
+           "float budget_s) -> int")
+lib.define("_shm_ll_combine(Tensor(a!)[] segments, int[] geometry, int seq, int[] header, Tensor x, "
+           "Tensor layout_range, Tensor topk_idx, Tensor topk_weights, int m, int num_experts, int num_shared, "
+           "int rank, Tensor(b!) out, Tensor(c!) recv_header, Tensor(d!) state, float budget_s) -> int")

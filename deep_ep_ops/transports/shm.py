@@ -26,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import _waits, compute
 from .._wire import dense
-from . import _segments, _shm_engine, _shm_slots
+from . import _segments, _shm_engine, _shm_low_latency, _shm_slots
 from .base import Transport
 
 #: Ring bytes per source when ``num_nvl_bytes`` is 0: small enough to stay in cache, big enough for bursts.
@@ -164,6 +164,7 @@ class ShmTransport(Transport):
         self._mirror = torch.zeros(2 * self.num_ranks, dtype=torch.int64)
         self._queue: list[_Exchange] = []
         self._slots = _shm_slots.Slots(self)
+        self._low_latency = _shm_low_latency.LowLatency(self)
         self._blocks = _OutputBlocks(self)
         self._direct_seq = 0
         # Names that stay under /dev/shm while this backend lives (its output blocks) go at interpreter exit
@@ -201,6 +202,14 @@ class ShmTransport(Transport):
         finally:
             _segments.unlink(names[self.rank])
         return segments
+
+    def override(self, op: str):
+        """The low-latency ops in one native call each (see ``_shm_low_latency``)."""
+        if op == "low_latency_dispatch":
+            return self._low_latency.dispatch
+        if op == "low_latency_combine":
+            return self._low_latency.combine
+        return None
 
     def close(self) -> None:
         """Unlinks and unmaps everything this backend made (idempotent), and what peers that died left behind."""

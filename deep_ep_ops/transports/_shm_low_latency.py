@@ -1,0 +1,162 @@
+"""The whole-op level of ``shm`` for the low-latency ops: one native call per op (``csrc/low_latency.cpp``).
+
+The portable kernels of :mod:`deep_ep_ops.low_latency` spend a few hundred µs of host work per op in a few
+hundred torch and Python calls (checks, plan, header, pack, exchange, sort), which is what a one-token
+decode step costs. Here the native call plans, writes the header and the real rows into the peers' slots,
+waits, checks the peers' headers and sorts (dispatch) or reduces (combine) straight out of the slots.
+
+The portable kernel still runs whenever this path does not apply, and it stays the oracle:
+
+* the first call of each configuration (its input checks pass there, and are remembered by the metadata
+  they read: dtypes, shapes other than the token count, and the settings);
+* python kernels (``kernels="python"``), tensors that are not contiguous, or ``N > M``;
+* slots not mapped yet or too small for the exchange (mapping and growing are collective: the portable path
+  does them, and every rank decides the same from the same settings).
+
+Both paths write the same slot protocol (``_shm_slots``), so ranks on either path exchange with each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _handshake, _waits, layout, low_latency
+from .._wire import RowFormat, dtype_code
+from . import _shm_engine
+
+
+class _Call:
+    """A :class:`~deep_ep_ops.transports.base.Pending` around one resumable native call."""
+
+    def __init__(self, transport, op, args):
+        self.transport, self.op, self.args, self.status = transport, op, args, 0
+
+    def poll(self, timeout_s: float) -> bool:
+        self.status = self.op(*self.args, timeout_s)
+        if not self.status:
+            self.transport.check_peers()
+        return bool(self.status)
+
+    def result(self):
+        return self.status
+
+
+class LowLatency:
+    """Whole-op kernels of ``low_latency_dispatch`` and ``low_latency_combine`` for one ``ShmTransport``."""
+
+    def __init__(self, transport):
+        self.t = transport
+        self.checked: set[tuple] = set()  # configurations whose input checks passed
+        self.native_calls = 0  # ops run here (the tests check that the path is taken)
+        self._segments: tuple[int, list[torch.Tensor]] = (-1, [])
+
+    def _slots(self, need_rows: int, row_bytes: int, header_words: int):
+        """``(segments, geometry)`` of the slots when they hold this exchange, else ``None``; takes the next
+        exchange number."""
+        slots = self.t._slots
+        header_bytes = (header_words * 8 + 63) // 64 * 64
+        if not slots.segments or header_bytes + need_rows * row_bytes > slots.bytes:
+            return None
+        if self._segments[0] != slots.generation:
+            self._segments = (slots.generation, [s.tensor for s in slots.segments])
+        slots.seq += 1
+        slots.drain(slots.seq - 2)  # a receive hook never called still holds this half
+        return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, header_bytes]
+
+    def _run(self, op_name: str, seq: int, native, args, settings_type) -> None:
+        ctx = self.t.ctx
+        self.native_calls += 1
+        recv_header = torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64)
+        state = torch.zeros(ctx.num_ranks, dtype=torch.int64)
+        pending = _Call(self.t, native, (*args, recv_header, state))
+        if _waits.wait(ctx, pending, op_name, seq) == 2:
+            _handshake.validate(ctx, op_name, seq, recv_header, settings_type)
+            raise RuntimeError(f"deepep::{op_name}: expected every rank's rows to fit the chunk its peer planned, "
+                               f"got more (ranks with different num_max_dispatch_tokens_per_rank?)")
+
+    def dispatch(self, x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8=True, round_scale=False,
+                 use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0, expert_token_nums_type=1,
+                 comm_seq=None):
+        op = "low_latency_dispatch"
+        ctx, n, num_shared = self.t.ctx, x.shape[0], num_shared_expert_ranks
+        try:  # whatever is malformed here, the portable kernel raises its error
+            key = ("d", x.dtype, x.dim(), x.shape[-1], topk_idx.dtype, topk_idx.shape[1:], x.device,
+                   topk_idx.device, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
+                   quant_mode, num_shared, expert_token_nums_type)
+            fast = (key in self.checked and topk_idx.shape[0] == n and n <= m and x.is_contiguous()
+                    and topk_idx.is_contiguous() and ctx.kernels.name == "native")
+        except (AttributeError, IndexError, TypeError):
+            key, fast = None, False
+        fmt_name = layout.wire_format(use_fp8, quant_mode)
+        if fast:
+            k = topk_idx.shape[1]
+            scales_width = {"bf16": 0, "fp8": x.shape[1] // (512 if use_ue8m0 else 128), "int8": 1}[fmt_name]
+            scales_dtype = torch.int32 if use_ue8m0 else torch.float32
+            data_dtype = {"bf16": x.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[fmt_name]
+            fields = [("x", data_dtype, x.shape[1])] + ([("scales", scales_dtype, scales_width)] if scales_width else [])
+            fmt = RowFormat(fields + [("meta", torch.int32, 2)])
+            header = _handshake.header_row(op, ctx.seq + 1, low_latency.LowLatencySettings(
+                m, num_experts, x.shape[1], k, num_shared, layout.WIRE_FORMATS.index(fmt_name), dtype_code(x.dtype),
+                int(round_scale), int(use_ue8m0)), [0] * num_ranks, [-1] * num_ranks)
+            caps = layout.chunk_caps(num_ranks, m, k, num_experts, num_shared)
+            slots = self._slots(max(caps), fmt.row_bytes, len(header))
+        if not fast or slots is None:
+            out = low_latency.low_latency_dispatch(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8,
+                                                   round_scale, use_ue8m0, quant_mode, num_shared,
+                                                   expert_token_nums_type, comm_seq)
+            if key is not None:
+                self.checked.add(key)
+            return out
+        seq = ctx.next_seq(op, n)
+        if fmt_name == "int8":
+            data, scales = ctx.kernels.quantize_int8(x, 0.0)
+        elif fmt_name == "fp8":
+            data, scales = ctx.kernels.quantize_fp8(x, round_scale, use_ue8m0)
+        else:
+            data, scales = x, None
+        num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
+        outputs = layout.low_latency_dispatch_outputs(x, num_local, num_ranks, m, fmt_name, use_ue8m0,
+                                                      ctx.outputs.empty)
+        offset = {name: f[0] for name, f in fmt.fields.items()}
+        data_bytes = x.shape[1] * data_dtype.itemsize
+        scales_bytes = scales_width * 4
+        format_ = [fmt.row_bytes, data_bytes, offset.get("scales", 0), scales_bytes, offset["meta"]]
+        self._run(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
+                  (*slots[:1], slots[1], self.t._slots.seq, header, data, scales, topk_idx, format_, m, num_experts,
+                   num_shared, rank, expert_token_nums_type, *outputs), low_latency.LowLatencySettings)
+        return (*outputs, _handshake.next_comm_seq(comm_seq, x))
+
+    def combine(self, x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks, rank,
+                num_shared_expert_ranks=0, comm_seq=None):
+        op = "low_latency_combine"
+        ctx, num_shared = self.t.ctx, num_shared_expert_ranks
+        try:  # whatever is malformed here, the portable kernel raises its error
+            key = ("c", x.dtype, x.shape, topk_idx.dtype, topk_idx.shape[1:], topk_weights.dtype,
+                   topk_weights.shape[1:], src_info.dtype, src_info.shape, layout_range.dtype, layout_range.shape,
+                   x.device, topk_idx.device, topk_weights.device, src_info.device, layout_range.device, m,
+                   num_experts, group_name, num_ranks, rank, num_shared)
+            n = topk_idx.shape[0]
+            fast = (key in self.checked and topk_weights.shape[0] == n and n <= m and x.is_contiguous()
+                    and topk_idx.is_contiguous() and topk_weights.is_contiguous() and layout_range.is_contiguous()
+                    and ctx.kernels.name == "native")
+        except (AttributeError, IndexError, TypeError):
+            key, fast = None, False
+        if fast:
+            k, hidden = topk_idx.shape[1], x.shape[2]
+            header = _handshake.header_row(op, ctx.seq + 1, low_latency.LowLatencySettings(
+                m, num_experts, hidden, k, num_shared, 0, dtype_code(x.dtype), 0, 0), [0] * num_ranks,
+                [-1] * num_ranks)
+            caps = layout.chunk_caps(num_ranks, m, k, num_experts, num_shared)
+            slots = self._slots(max(caps), hidden * x.element_size(), len(header))
+        if not fast or slots is None:
+            out = low_latency.low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
+                                                  group_name, num_ranks, rank, num_shared, comm_seq)
+            if key is not None:
+                self.checked.add(key)
+            return out
+        seq = ctx.next_seq(op, x.shape[0])
+        out = x.new_empty((n, hidden))
+        self._run(op, seq, torch.ops.deepep._shm_ll_combine.default,
+                  (slots[0], slots[1], self.t._slots.seq, header, x, layout_range, topk_idx, topk_weights, m,
+                   num_experts, num_shared, rank, out), low_latency.LowLatencySettings)
+        return out, _handshake.next_comm_seq(comm_seq, x)
