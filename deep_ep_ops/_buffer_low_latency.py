@@ -50,8 +50,11 @@ class LowLatencyMethods:
             return  # the backend grows its buffers as exchanges need
         # A malformed topk_idx fails the op's own checks; size for the worst top-k meanwhile.
         k = topk_idx.shape[1] if isinstance(topk_idx, torch.Tensor) and topk_idx.dim() == 2 else None
-        need = tuning.low_latency_rdma_size_hint(m, hidden, self.group_size, num_experts, k, dtype.itemsize,
-                                                 self._env.num_shared_expert_ranks)
+        key = (m, hidden, num_experts, k, dtype)
+        need = self._rdma_needs.get(key)
+        if need is None:  # per call it would cost a tenth of a one-token decode step
+            need = self._rdma_needs[key] = tuning.low_latency_rdma_size_hint(
+                m, hidden, self.group_size, num_experts, k, dtype.itemsize, self._env.num_shared_expert_ranks)
         if self.num_rdma_bytes < need:
             dtype_arg = "" if dtype == torch.bfloat16 else f", dtype={dtype}"
             raise RuntimeError(f"deepep::{op}: expected num_rdma_bytes >= {need} (get_low_latency_rdma_size_hint"

@@ -84,6 +84,7 @@ class Buffer(LowLatencyMethods):
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
         self._env = config.read_env()
+        self._rdma_needs: dict[tuple, int] = {}  # num_rdma_bytes each low-latency configuration needs
         self._ctx = _registry.register(group, next(iter(names), None), timeout_s, num_ranks_per_node, kernels,
                                        num_nvl_bytes, num_rdma_bytes)
         self._destroyed = False

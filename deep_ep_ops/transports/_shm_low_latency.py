@@ -41,36 +41,49 @@ class _Call:
         return self.status
 
 
+class _Config:
+    """What a call of one configuration needs besides its tensors, worked out once."""
+
+    def __init__(self, op: str, settings: tuple, num_ranks: int, caps: list[int], row_bytes: int):
+        self.header = _handshake.header_row(op, 0, settings, [0] * num_ranks, [-1] * num_ranks)
+        self.header_bytes = (len(self.header) * 8 + 63) // 64 * 64
+        self.need = self.header_bytes + max(caps) * row_bytes  # slot bytes one exchange takes
+
+    def header_for(self, seq: int) -> list[int]:
+        header = self.header.copy()
+        header[2] = seq
+        return header
+
+
 class LowLatency:
     """Whole-op kernels of ``low_latency_dispatch`` and ``low_latency_combine`` for one ``ShmTransport``."""
 
     def __init__(self, transport):
         self.t = transport
-        self.checked: set[tuple] = set()  # configurations whose input checks passed
+        self.configs: dict[tuple, _Config] = {}  # configurations whose input checks passed
         self.native_calls = 0  # ops run here (the tests check that the path is taken)
         self._segments: tuple[int, list[torch.Tensor]] = (-1, [])
 
-    def _slots(self, need_rows: int, row_bytes: int, header_words: int):
-        """``(segments, geometry)`` of the slots when they hold this exchange, else ``None``; takes the next
-        exchange number."""
+    def _slots(self, config: _Config):
+        """``(segments, geometry, exchange number)`` when the slots hold this exchange (taking the next exchange
+        number), else ``None``."""
         slots = self.t._slots
-        header_bytes = (header_words * 8 + 63) // 64 * 64
-        if not slots.segments or header_bytes + need_rows * row_bytes > slots.bytes:
+        if not slots.segments or config.need > slots.bytes:
             return None
         if self._segments[0] != slots.generation:
             self._segments = (slots.generation, [s.tensor for s in slots.segments])
         slots.seq += 1
         slots.drain(slots.seq - 2)  # a receive hook never called still holds this half
-        return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, header_bytes]
+        return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, config.header_bytes], slots.seq
 
-    def _run(self, op_name: str, seq: int, native, args, settings_type) -> None:
+    def _run(self, op_name: str, seq: int, native, args) -> None:
         ctx = self.t.ctx
         self.native_calls += 1
         recv_header = torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64)
         state = torch.zeros(ctx.num_ranks, dtype=torch.int64)
         pending = _Call(self.t, native, (*args, recv_header, state))
         if _waits.wait(ctx, pending, op_name, seq) == 2:
-            _handshake.validate(ctx, op_name, seq, recv_header, settings_type)
+            _handshake.validate(ctx, op_name, seq, recv_header, low_latency.LowLatencySettings)
             raise RuntimeError(f"deepep::{op_name}: expected every rank's rows to fit the chunk its peer planned, "
                                f"got more (ranks with different num_max_dispatch_tokens_per_rank?)")
 
@@ -78,52 +91,38 @@ class LowLatency:
                  use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0, expert_token_nums_type=1,
                  comm_seq=None):
         op = "low_latency_dispatch"
-        ctx, n, num_shared = self.t.ctx, x.shape[0], num_shared_expert_ranks
+        ctx, num_shared = self.t.ctx, num_shared_expert_ranks
         try:  # whatever is malformed here, the portable kernel raises its error
+            n = x.shape[0]
             key = ("d", x.dtype, x.dim(), x.shape[-1], topk_idx.dtype, topk_idx.shape[1:], x.device,
                    topk_idx.device, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
                    quant_mode, num_shared, expert_token_nums_type)
-            fast = (key in self.checked and topk_idx.shape[0] == n and n <= m and x.is_contiguous()
+            config = self.configs.get(key)
+            fast = (config is not None and topk_idx.shape[0] == n and n <= m and x.is_contiguous()
                     and topk_idx.is_contiguous() and ctx.kernels.name == "native")
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
-        fmt_name = layout.wire_format(use_fp8, quant_mode)
-        if fast:
-            k = topk_idx.shape[1]
-            scales_width = {"bf16": 0, "fp8": x.shape[1] // (512 if use_ue8m0 else 128), "int8": 1}[fmt_name]
-            scales_dtype = torch.int32 if use_ue8m0 else torch.float32
-            data_dtype = {"bf16": x.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[fmt_name]
-            fields = [("x", data_dtype, x.shape[1])] + ([("scales", scales_dtype, scales_width)] if scales_width else [])
-            fmt = RowFormat(fields + [("meta", torch.int32, 2)])
-            header = _handshake.header_row(op, ctx.seq + 1, low_latency.LowLatencySettings(
-                m, num_experts, x.shape[1], k, num_shared, layout.WIRE_FORMATS.index(fmt_name), dtype_code(x.dtype),
-                int(round_scale), int(use_ue8m0)), [0] * num_ranks, [-1] * num_ranks)
-            caps = layout.chunk_caps(num_ranks, m, k, num_experts, num_shared)
-            slots = self._slots(max(caps), fmt.row_bytes, len(header))
-        if not fast or slots is None:
+        slots = self._slots(config) if fast else None
+        if slots is None:
             out = low_latency.low_latency_dispatch(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8,
                                                    round_scale, use_ue8m0, quant_mode, num_shared,
                                                    expert_token_nums_type, comm_seq)
-            if key is not None:
-                self.checked.add(key)
+            if key is not None and key not in self.configs:
+                self.configs[key] = _DispatchConfig(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8,
+                                                    round_scale, use_ue8m0, quant_mode, num_shared)
             return out
         seq = ctx.next_seq(op, n)
-        if fmt_name == "int8":
+        if config.wire == "int8":
             data, scales = ctx.kernels.quantize_int8(x, 0.0)
-        elif fmt_name == "fp8":
+        elif config.wire == "fp8":
             data, scales = ctx.kernels.quantize_fp8(x, round_scale, use_ue8m0)
         else:
             data, scales = x, None
-        num_local = layout.num_local_experts(num_experts, num_ranks, rank, num_shared)
-        outputs = layout.low_latency_dispatch_outputs(x, num_local, num_ranks, m, fmt_name, use_ue8m0,
-                                                      ctx.outputs.empty)
-        offset = {name: f[0] for name, f in fmt.fields.items()}
-        data_bytes = x.shape[1] * data_dtype.itemsize
-        scales_bytes = scales_width * 4
-        format_ = [fmt.row_bytes, data_bytes, offset.get("scales", 0), scales_bytes, offset["meta"]]
+        packed, packed_scales = (ctx.outputs.empty(shape, dtype) for shape, dtype in config.large)
+        outputs = (packed, packed_scales, *(torch.empty(shape, dtype=dtype) for shape, dtype in config.small))
         self._run(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
-                  (*slots[:1], slots[1], self.t._slots.seq, header, data, scales, topk_idx, format_, m, num_experts,
-                   num_shared, rank, expert_token_nums_type, *outputs), low_latency.LowLatencySettings)
+                  (*slots[:2], slots[2], config.header_for(seq), data, scales, topk_idx, config.format, m,
+                   num_experts, num_shared, rank, expert_token_nums_type, *outputs))
         return (*outputs, _handshake.next_comm_seq(comm_seq, x))
 
     def combine(self, x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks, rank,
@@ -136,27 +135,55 @@ class LowLatency:
                    x.device, topk_idx.device, topk_weights.device, src_info.device, layout_range.device, m,
                    num_experts, group_name, num_ranks, rank, num_shared)
             n = topk_idx.shape[0]
-            fast = (key in self.checked and topk_weights.shape[0] == n and n <= m and x.is_contiguous()
+            config = self.configs.get(key)
+            fast = (config is not None and topk_weights.shape[0] == n and n <= m and x.is_contiguous()
                     and topk_idx.is_contiguous() and topk_weights.is_contiguous() and layout_range.is_contiguous()
                     and ctx.kernels.name == "native")
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
-        if fast:
-            k, hidden = topk_idx.shape[1], x.shape[2]
-            header = _handshake.header_row(op, ctx.seq + 1, low_latency.LowLatencySettings(
-                m, num_experts, hidden, k, num_shared, 0, dtype_code(x.dtype), 0, 0), [0] * num_ranks,
-                [-1] * num_ranks)
-            caps = layout.chunk_caps(num_ranks, m, k, num_experts, num_shared)
-            slots = self._slots(max(caps), hidden * x.element_size(), len(header))
-        if not fast or slots is None:
+        slots = self._slots(config) if fast else None
+        if slots is None:
             out = low_latency.low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
                                                   group_name, num_ranks, rank, num_shared, comm_seq)
-            if key is not None:
-                self.checked.add(key)
+            if key is not None and key not in self.configs:
+                k, hidden = topk_idx.shape[1], x.shape[2]
+                settings = low_latency.LowLatencySettings(m, num_experts, hidden, k, num_shared, 0,
+                                                          dtype_code(x.dtype), 0, 0)
+                self.configs[key] = _Config(op, settings, num_ranks,
+                                            layout.chunk_caps(num_ranks, m, k, num_experts, num_shared),
+                                            hidden * x.element_size())
             return out
         seq = ctx.next_seq(op, x.shape[0])
-        out = x.new_empty((n, hidden))
+        out = x.new_empty((n, x.shape[2]))
         self._run(op, seq, torch.ops.deepep._shm_ll_combine.default,
-                  (slots[0], slots[1], self.t._slots.seq, header, x, layout_range, topk_idx, topk_weights, m,
-                   num_experts, num_shared, rank, out), low_latency.LowLatencySettings)
+                  (*slots[:2], slots[2], config.header_for(seq), x, layout_range, topk_idx, topk_weights, m,
+                   num_experts, num_shared, rank, out))
         return out, _handshake.next_comm_seq(comm_seq, x)
+
+
+class _DispatchConfig(_Config):
+    """A dispatch's wire format (the portable kernel's ``RowFormat``) and output shapes."""
+
+    def __init__(self, x, topk_idx, m, num_experts, num_ranks, rank, use_fp8, round_scale, use_ue8m0, quant_mode,
+                 num_shared):
+        k, hidden = topk_idx.shape[1], x.shape[1]
+        self.wire = layout.wire_format(use_fp8, quant_mode)
+        data_dtype = {"bf16": x.dtype, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[self.wire]
+        scales_width = {"bf16": 0, "fp8": hidden // (512 if use_ue8m0 else 128), "int8": 1}[self.wire]
+        scales_dtype = torch.int32 if use_ue8m0 else torch.float32
+        fields = [("x", data_dtype, hidden)] + ([("scales", scales_dtype, scales_width)] if scales_width else [])
+        fmt = RowFormat(fields + [("meta", torch.int32, 2)])
+        offset = {name: f[0] for name, f in fmt.fields.items()}
+        self.format = [fmt.row_bytes, hidden * data_dtype.itemsize, offset.get("scales", 0), scales_width * 4,
+                       offset["meta"]]
+        settings = low_latency.LowLatencySettings(m, num_experts, hidden, k, num_shared,
+                                                  layout.WIRE_FORMATS.index(self.wire), dtype_code(x.dtype),
+                                                  int(round_scale), int(use_ue8m0))
+        super().__init__("low_latency_dispatch", settings, num_ranks,
+                         layout.chunk_caps(num_ranks, m, k, num_experts, num_shared), fmt.row_bytes)
+        outputs = layout.low_latency_dispatch_outputs(  # shapes and dtypes only: on the meta device
+            torch.empty(0, hidden, dtype=x.dtype, device="meta"),
+            layout.num_local_experts(num_experts, num_ranks, rank, num_shared), num_ranks, m, self.wire, use_ue8m0,
+            lambda shape, dtype: torch.empty(shape, dtype=dtype, device="meta"))
+        self.large = [(tuple(t.shape), t.dtype) for t in outputs[:2]]
+        self.small = [(tuple(t.shape), t.dtype) for t in outputs[2:]]
