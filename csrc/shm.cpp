@@ -24,95 +24,29 @@ namespace {
 
 using namespace shm;
 
-// The next contiguous run of whole rows at stream ``position`` (see _shm_engine._run).
-struct Run {
-  int64_t position, rows;
-};
-
-inline Run next_run(int64_t position, int64_t limit_counter, int64_t row_bytes, int64_t ring_bytes, int64_t remaining,
-                    bool sending, int64_t max_rows) {
-  int64_t offset = position % ring_bytes;
-  if (offset + row_bytes > ring_bytes) {
-    // A sender whose rows were all read may count the skipped tail as free: without that, a ring holding
-    // fewer than two rows of this size after a run of another size would wait for bytes nobody will read.
-    if (sending && limit_counter >= position) limit_counter = position + ring_bytes - offset;
-    position += ring_bytes - offset;
-    offset = 0;
-  }
-  const int64_t limit = sending ? limit_counter + ring_bytes - position : limit_counter - position;
-  int64_t rows = std::min({remaining, (ring_bytes - offset) / row_bytes, limit / row_bytes, max_rows});
-  return {position, std::max<int64_t>(rows, 0)};
-}
-
-// Pushes what fits of this rank's rows for every peer into the peers' rings; true if any row moved.
-// Row ``j`` of the outgoing stream to ``d`` is ``src + row_of(j) * row_bytes``.
-template <typename RowOf>
-bool push(const std::vector<at::Tensor>& seg, int64_t base, int64_t ring_bytes, int64_t* mirror, int64_t* cursor,
-          const char* src, int64_t row_bytes, const std::vector<int64_t>& send_off, c10::IntArrayRef send_counts,
-          int64_t rank, int64_t max_rows, RowOf row_of) {
-  bool moved = false;
-  const int64_t num_ranks = seg.size();
-  for (int64_t d = 0; d < num_ranks; ++d) {
-    if (d == rank || cursor[d] >= send_counts[d]) continue;
-    const Run run = next_run(mirror[d], load(consumed(seg[d], rank)), row_bytes, ring_bytes,
-                             send_counts[d] - cursor[d], true, max_rows);
-    if (run.rows == 0) continue;
-    char* dst = bytes(seg[d]) + base + rank * ring_bytes + run.position % ring_bytes;
-    for (int64_t k = 0; k < run.rows; ++k)
-      std::memcpy(dst + k * row_bytes, src + row_of(send_off[d] + cursor[d] + k) * row_bytes, row_bytes);
-    mirror[d] = run.position + run.rows * row_bytes;
-    publish(written(seg[d], rank), mirror[d]);
-    cursor[d] += run.rows;
-    moved = true;
-  }
-  return moved;
-}
-
 int64_t ring_copy(const std::vector<at::Tensor>& seg, c10::IntArrayRef geometry, const at::Tensor& mirror_t,
                   const at::Tensor& cursor_t, const at::Tensor& src_t, const std::optional<at::Tensor>& index,
                   c10::IntArrayRef send_counts, const at::Tensor& out_t, c10::IntArrayRef recv_counts, int64_t rank,
                   double budget_s) {
-  const int64_t base = geometry[0], ring_bytes = geometry[1], num_ranks = seg.size();
-  const int64_t row_bytes = src_t.size(1);
+  const int64_t num_ranks = seg.size(), row_bytes = src_t.size(1);
   TORCH_CHECK(src_t.is_contiguous() && out_t.is_contiguous(), "deepep: expected contiguous rows");
-  int64_t* mirror = mirror_t.data_ptr<int64_t>();
   int64_t* cursor = cursor_t.data_ptr<int64_t>();
   const char* src = static_cast<const char*>(src_t.data_ptr());
   char* out = static_cast<char*>(out_t.data_ptr());
   const int64_t* ix = index.has_value() ? index->data_ptr<int64_t>() : nullptr;
   const auto send_off = prefix(send_counts), recv_off = prefix(recv_counts);
-  auto row_of = [&](int64_t j) { return ix ? ix[j] : j; };
-  // Runs of at most ~512 KB, so that a receiver copies out while its sender writes the next run.
-  const int64_t max_rows = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(1, row_bytes));
+  auto row = [&](int64_t d, int64_t j) { return src + (ix ? ix[send_off[d] + j] : send_off[d] + j) * row_bytes; };
   if (cursor[rank] < send_counts[rank]) {  // this rank's own rows: straight into place
     for (int64_t k = 0; k < send_counts[rank]; ++k)
-      std::memcpy(out + (recv_off[rank] + k) * row_bytes, src + row_of(send_off[rank] + k) * row_bytes, row_bytes);
+      std::memcpy(out + (recv_off[rank] + k) * row_bytes, row(rank, k), row_bytes);
     cursor[rank] = cursor[num_ranks + rank] = send_counts[rank];
   }
-  Waiter waiter(budget_s);
-  while (true) {
-    bool moved = push(seg, base, ring_bytes, mirror, cursor, src, row_bytes, send_off, send_counts, rank, max_rows,
-                      row_of);
-    for (int64_t s = 0; s < num_ranks; ++s) {
-      int64_t& done = cursor[num_ranks + s];
-      if (s == rank || done >= recv_counts[s]) continue;
-      const Run run = next_run(mirror[num_ranks + s], load(written(seg[rank], s)), row_bytes, ring_bytes,
-                               recv_counts[s] - done, false, max_rows);
-      if (run.rows == 0) continue;
-      std::memcpy(out + (recv_off[s] + done) * row_bytes,
-                  bytes(seg[rank]) + base + s * ring_bytes + run.position % ring_bytes, run.rows * row_bytes);
-      mirror[num_ranks + s] = run.position + run.rows * row_bytes;
-      publish(consumed(seg[rank], s), mirror[num_ranks + s]);
-      done += run.rows;
-      moved = true;
-    }
-    bool complete = true;
-    for (int64_t r = 0; r < num_ranks; ++r)
-      complete = complete && cursor[r] >= send_counts[r] && cursor[num_ranks + r] >= recv_counts[r];
-    if (complete) return 1;
-    if (moved) waiter.progress();
-    else if (waiter.idle()) return 0;
-  }
+  return ring_exchange(
+      seg, geometry, mirror_t.data_ptr<int64_t>(), cursor, row_bytes, send_counts, recv_counts, rank, budget_s,
+      [&](int64_t d, int64_t j, char* dst) { std::memcpy(dst, row(d, j), row_bytes); },
+      [&](int64_t s, int64_t j, const char* rows, int64_t n) {
+        std::memcpy(out + (recv_off[s] + j) * row_bytes, rows, n * row_bytes);
+      });
 }
 
 // Cursor: [0, R) rows sent per rank, [R, 2R) rows of each source used, [2R] next token, [2R+1] whether the
@@ -145,13 +79,12 @@ int64_t ring_combine(const std::vector<at::Tensor>& seg, c10::IntArrayRef geomet
     for (int64_t s = 0; s < num_ranks; ++s) read[s] = mirror[num_ranks + s];
     started = 1;
   }
-  const int64_t max_rows = std::max<int64_t>(1, (int64_t(1) << 19) / std::max<int64_t>(1, row_bytes));
   std::vector<float> acc(width);
   std::vector<int64_t> at(num_ranks);
   Waiter waiter(budget_s);
   while (true) {
-    bool moved = push(seg, base, ring_bytes, mirror, cursor, src, row_bytes, send_off, send_counts, rank, max_rows,
-                      [](int64_t j) { return j; });
+    bool moved = push(seg, base, ring_bytes, mirror, cursor, row_bytes, send_counts, rank,
+                      [&](int64_t d, int64_t j, char* dst) { std::memcpy(dst, src + (send_off[d] + j) * row_bytes, row_bytes); });
     cursor[rank] = send_counts[rank];  // this rank's own rows are reduced in place below
     std::vector<int64_t> limit(num_ranks);
     for (int64_t s = 0; s < num_ranks; ++s) limit[s] = s == rank ? 0 : load(written(seg[rank], s));
