@@ -17,7 +17,7 @@ except ImportError:
 else:
     if os.environ.get("DEEP_EP_OPS_NO_BUILD") != "1":
         ext_modules = [CppExtension(
-            "deep_ep_ops._C", ["csrc/kernels.cpp", "csrc/shm.cpp", "csrc/low_latency.cpp"],
+            "deep_ep_ops._C", ["csrc/kernels.cpp", "csrc/shm.cpp", "csrc/low_latency.cpp", "csrc/normal.cpp"],
             # -ffp-contract=off: results must round exactly as torch's separate multiply and add do.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
             extra_link_args=["-fopenmp"])]

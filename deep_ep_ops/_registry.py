@@ -191,13 +191,12 @@ def impl(lib, name: str, kernel) -> None:
     """Registers ``kernel`` as ``deepep::<name>`` behind the whole-op level of the group's backend: a
     backend whose :meth:`~deep_ep_ops.transports.Transport.override` returns a callable for the op runs
     that instead (a vendor op), with the same arguments."""
-    op = name.split(".")[0]
     position = list(inspect.signature(kernel).parameters).index("group_name")
 
     def run(*args, **kwargs):
         group_name = args[position] if len(args) > position else kwargs["group_name"]
-        vendor = _GROUPS[group_name].transport.override(op) if group_name in _GROUPS else \
-            get(group_name).transport.override(op)
+        vendor = _GROUPS[group_name].transport.override(name) if group_name in _GROUPS else \
+            get(group_name).transport.override(name)
         return (kernel if vendor is None else vendor)(*args, **kwargs)
 
     lib.impl(name, run, "CompositeExplicitAutograd")

@@ -122,34 +122,59 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
              comm_seq=None):
     op = "dispatch"
     group_ctx = _registry.get(group_name)
-    seq, rank, n_tokens = group_ctx.next_seq(op, x.shape[0]), group_ctx.rank, x.shape[0]
+    seq = group_ctx.next_seq(op, x.shape[0])
+    status, data, scales, fmt, meta = _handshake.run_checks(
+        group_ctx, op, seq, DispatchSettings, x.device,
+        lambda: prepare_dispatch(group_ctx, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                                 num_tokens_per_expert, num_experts, group_name, num_ranks, expert_alignment,
+                                 num_worst_tokens, quant_mode, expert_token_nums_type))
+    settings = dispatch_settings(x, x_scales, topk_idx, topk_weights, num_experts, quant_mode, num_worst_tokens)
+    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=is_token_in_rank.sum(0),
+                              device=x.device)
+    return dispatch_rows(group_ctx, seq, matrix, x, data, scales, fmt, meta, topk_idx, topk_weights, is_token_in_rank,
+                         num_tokens_per_expert, num_experts, num_ranks, expert_alignment, num_worst_tokens,
+                         expert_token_nums_type, comm_seq)
 
-    def prepare():
-        checks.check_group(op, group_name, num_ranks=(num_ranks, group_ctx.num_ranks))
-        checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
-                              num_experts, num_ranks, expert_alignment, num_worst_tokens, quant_mode,
-                              expert_token_nums_type)
-        data, scales = group_ctx.kernels.quantize_int8(x, 1e-12) if quant_mode == "int8" else (x, x_scales)
-        src_idx = torch.arange(n_tokens, dtype=torch.int32, device=x.device)
-        fmt, meta = _meta_rows(n_tokens, x.device, src_idx=src_idx, scales=scales, topk_idx=topk_idx,
-                               topk_weights=topk_weights)
-        return _status(topk_idx, is_token_in_rank, num_experts, num_ranks), data, scales, fmt, meta
 
-    status, data, scales, fmt, meta = _handshake.run_checks(group_ctx, op, seq, DispatchSettings, x.device, prepare)
-    settings = DispatchSettings(num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
-                                dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
-                                _width(topk_idx), _width(topk_weights), num_worst_tokens)
-    send_counts = is_token_in_rank.sum(0)
-    matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts, device=x.device)
+def dispatch_settings(x, x_scales, topk_idx, topk_weights, num_experts, quant_mode, num_worst_tokens):
+    return DispatchSettings(num_experts, x.shape[1], dtype_code(x.dtype), _width(x_scales),
+                            dtype_code(None if x_scales is None else x_scales.dtype), int(quant_mode == "int8"),
+                            _width(topk_idx), _width(topk_weights), num_worst_tokens)
+
+
+def prepare_dispatch(group_ctx, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+                     num_experts, group_name, num_ranks, expert_alignment, num_worst_tokens, quant_mode,
+                     expert_token_nums_type):
+    """A dispatch's checks and local work: ``(status, data, scales, metadata format, metadata rows)``."""
+    checks.check_group("dispatch", group_name, num_ranks=(num_ranks, group_ctx.num_ranks))
+    checks.check_dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts,
+                          num_ranks, expert_alignment, num_worst_tokens, quant_mode, expert_token_nums_type)
+    data, scales = group_ctx.kernels.quantize_int8(x, 1e-12) if quant_mode == "int8" else (x, x_scales)
+    n_tokens = x.shape[0]
+    src_idx = torch.arange(n_tokens, dtype=torch.int32, device=x.device)
+    fmt, meta = _meta_rows(n_tokens, x.device, src_idx=src_idx, scales=scales, topk_idx=topk_idx,
+                           topk_weights=topk_weights)
+    return _status(topk_idx, is_token_in_rank, num_experts, num_ranks), data, scales, fmt, meta
+
+
+def check_receive_limit(matrix: torch.Tensor, num_worst_tokens: int) -> None:
+    """Every rank holds the whole matrix, so all raise the same error before any row moves. Without
+    num_worst_tokens the bound is the int32 of the handle's prefix sums and recv_src_idx."""
     recv_totals = matrix.sum(0)
-    # Every rank holds the whole matrix, so all raise the same error before any row moves. Without
-    # num_worst_tokens the bound is the int32 of the handle's prefix sums and recv_src_idx.
     limit = num_worst_tokens if num_worst_tokens > 0 else checks.INT32_MAX
     if bool((recv_totals > limit).any()):
         r = int((recv_totals > limit).nonzero()[0])
         what = f"num_worst_tokens={limit}" if num_worst_tokens > 0 else f"{limit} (the handle is int32)"
         raise RuntimeError(f"deepep::dispatch: expected at most {what} tokens received per rank, got "
                            f"{int(recv_totals[r])} on rank {r}")
+
+
+def dispatch_rows(group_ctx, seq, matrix, x, data, scales, fmt, meta, topk_idx, topk_weights, is_token_in_rank,
+                  num_tokens_per_expert, num_experts, num_ranks, expert_alignment, num_worst_tokens,
+                  expert_token_nums_type, comm_seq):
+    """A dispatch after its handshake: the rows through the backend's tokens level, then the outputs."""
+    op, rank = "dispatch", group_ctx.rank
+    check_receive_limit(matrix, num_worst_tokens)
     recv, recv_meta = _exchange(group_ctx, op, seq, data, meta, Route(is_token_in_rank, matrix, rank))
 
     n = recv.shape[0]
@@ -182,7 +207,7 @@ def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_p
     order = is_token_in_rank.to(torch.int32).cumsum(0) - 1
     send_head = torch.where(is_token_in_rank, order, torch.full_like(order, -1)).to(torch.int32)
     return (recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, counts,
-            matrix.cumsum(0).to(torch.int32), send_counts.to(torch.int32).view(num_ranks, 1),
+            matrix.cumsum(0).to(torch.int32), matrix[rank].to(torch.int32).view(num_ranks, 1),
             torch.zeros(num_ranks, 1, dtype=torch.int32, device=x.device),
             _padded(fmt.view(recv_meta, "src_idx").reshape(n), total, -1), send_head,
             _handshake.next_comm_seq(comm_seq, x))

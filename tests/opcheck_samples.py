@@ -152,4 +152,46 @@ def _shm_samples() -> dict[str, list[tuple]]:
         "_shm_slots_recv.default": [(slots, slot_geometry, 1, src, None, None, 0, header, [3], [2],
                                      torch.empty(3, 16, dtype=torch.uint8), torch.full((1,), -1),
                                      torch.empty_like(header), [3], 0, 1.0)],
+        **_whole_op_samples(),
+    }
+
+
+def _whole_op_samples() -> dict[str, list[tuple]]:
+    """The whole-op native calls of the shm backend on one rank (its own segments only)."""
+    from deep_ep_ops import _handshake
+    from deep_ep_ops.transports import _shm_engine, _shm_normal
+
+    ring_bytes, slot_bytes = 1 << 16, 1 << 16
+    rings = [torch.zeros(_shm_engine.ring_segment_bytes(1, ring_bytes), dtype=torch.uint8)]
+    slots = [torch.zeros(_shm_engine.slot_segment_bytes(1, slot_bytes), dtype=torch.uint8)]
+    ring_geometry, slot_geometry = [_shm_engine.ring_base(1), ring_bytes], [_shm_engine.slot_base(1), slot_bytes, 256]
+    x, idx, w = torch.randn(3, 16).bfloat16(), torch.tensor([[0, 1], [1, -1], [1, 0]]), torch.rand(3, 2)
+    header = _handshake.header_row("low_latency_dispatch", 1, (4, 2, 16, 2, 0, 0, 0, 0, 0), [0], [-1])
+    width = len(header)
+    ll_outputs = (torch.empty(2, 4, 16).bfloat16(), torch.empty(2, 4, 0), torch.empty(2, dtype=torch.int32),
+                  torch.empty(2, 4, dtype=torch.int32), torch.empty(2, 1, dtype=torch.int64))
+    layout_range = torch.tensor([[2], [(2 << 32) | 3]])
+    normal_header = _handshake.header_row("dispatch", 1, (2, 16, 0, -1, -1, 0, 2, 2, 0), [0], [-1])
+    normal_header[_shm_normal.OFFER_WORD] = 1
+    config = [9, 2, 0, 1 << 20, 1, 1]
+    scratch_words = 1 + 2 * 3 + width
+    matrix_scratch = torch.zeros(scratch_words, dtype=torch.int64)
+    matrix_scratch[0] = 3
+    outputs = [torch.empty(3, 16).bfloat16(), torch.empty(3, 0), torch.empty(3, 2, dtype=torch.int64),
+               torch.empty(3, 2), torch.zeros(2, dtype=torch.int32), torch.empty(1, 1, dtype=torch.int32),
+               torch.empty(1, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+               torch.empty(3, dtype=torch.int32), torch.empty(3, 1, dtype=torch.int32)]
+    return {
+        "_shm_ll_dispatch.default": [(slots, slot_geometry, 1, header, x, None, idx, [40, 32, 0, 0, 32], 4, 2, 0, 0,
+                                      1, *ll_outputs, torch.empty(1, width, dtype=torch.int64),
+                                      torch.zeros(1, dtype=torch.int64), 1.0)],
+        "_shm_ll_combine.default": [(slots, slot_geometry, 2, header, torch.randn(2, 4, 16).bfloat16(), layout_range,
+                                     idx, w, 4, 2, 0, 0, torch.empty(3, 16).bfloat16(),
+                                     torch.empty(1, width, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
+                                     1.0)],
+        "_shm_dispatch_agree.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), normal_header, x,
+                                         None, idx, w, torch.ones(3, 1, dtype=torch.bool), config, 0,
+                                         torch.zeros(scratch_words, dtype=torch.int64), 1.0)],
+        "_shm_dispatch_rows.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), x, None, idx, w,
+                                        torch.ones(3, 1, dtype=torch.bool), config, 0, outputs, matrix_scratch, 1.0)],
     }

@@ -9,7 +9,7 @@ The portable kernel still runs whenever this path does not apply, and it stays t
 
 * the first call of each configuration (its input checks pass there, and are remembered by the metadata
   they read: dtypes, shapes other than the token count, and the settings);
-* python kernels (``kernels="python"``), tensors that are not contiguous, or ``N > M``;
+* python kernels (``kernels="python"``), or ``N > M``;
 * slots not mapped yet or too small for the exchange (mapping and growing are collective: the portable path
   does them, and every rank decides the same from the same settings).
 
@@ -23,22 +23,7 @@ import torch
 from .. import _handshake, _waits, layout, low_latency
 from .._wire import RowFormat, dtype_code
 from . import _shm_engine
-
-
-class _Call:
-    """A :class:`~deep_ep_ops.transports.base.Pending` around one resumable native call."""
-
-    def __init__(self, transport, op, args):
-        self.transport, self.op, self.args, self.status = transport, op, args, 0
-
-    def poll(self, timeout_s: float) -> bool:
-        self.status = self.op(*self.args, timeout_s)
-        if not self.status:
-            self.transport.check_peers()
-        return bool(self.status)
-
-    def result(self):
-        return self.status
+from .base import Resumable
 
 
 class _Config:
@@ -81,7 +66,7 @@ class LowLatency:
         self.native_calls += 1
         recv_header = torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64)
         state = torch.zeros(ctx.num_ranks, dtype=torch.int64)
-        pending = _Call(self.t, native, (*args, recv_header, state))
+        pending = Resumable(native, (*args, recv_header, state), self.t.check_peers)
         if _waits.wait(ctx, pending, op_name, seq) == 2:
             _handshake.validate(ctx, op_name, seq, recv_header, low_latency.LowLatencySettings)
             raise RuntimeError(f"deepep::{op_name}: expected every rank's rows to fit the chunk its peer planned, "
@@ -98,8 +83,7 @@ class LowLatency:
                    topk_idx.device, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
                    quant_mode, num_shared, expert_token_nums_type)
             config = self.configs.get(key)
-            fast = (config is not None and topk_idx.shape[0] == n and n <= m and x.is_contiguous()
-                    and topk_idx.is_contiguous() and ctx.kernels.name == "native")
+            fast = config is not None and topk_idx.shape[0] == n and n <= m and ctx.kernels.name == "native"
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
         slots = self._slots(config) if fast else None
@@ -112,6 +96,7 @@ class LowLatency:
                                                     round_scale, use_ue8m0, quant_mode, num_shared)
             return out
         seq = ctx.next_seq(op, n)
+        x, topk_idx = x.contiguous(), topk_idx.contiguous()  # read in place (a no-op for the usual inputs)
         if config.wire == "int8":
             data, scales = ctx.kernels.quantize_int8(x, 0.0)
         elif config.wire == "fp8":
@@ -136,9 +121,7 @@ class LowLatency:
                    num_experts, group_name, num_ranks, rank, num_shared)
             n = topk_idx.shape[0]
             config = self.configs.get(key)
-            fast = (config is not None and topk_weights.shape[0] == n and n <= m and x.is_contiguous()
-                    and topk_idx.is_contiguous() and topk_weights.is_contiguous() and layout_range.is_contiguous()
-                    and ctx.kernels.name == "native")
+            fast = config is not None and topk_weights.shape[0] == n and n <= m and ctx.kernels.name == "native"
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
         slots = self._slots(config) if fast else None
@@ -154,6 +137,7 @@ class LowLatency:
                                             hidden * x.element_size())
             return out
         seq = ctx.next_seq(op, x.shape[0])
+        x, topk_idx, topk_weights, layout_range = (t.contiguous() for t in (x, topk_idx, topk_weights, layout_range))
         out = x.new_empty((n, x.shape[2]))
         self._run(op, seq, torch.ops.deepep._shm_ll_combine.default,
                   (*slots[:2], slots[2], config.header_for(seq), x, layout_range, topk_idx, topk_weights, m,

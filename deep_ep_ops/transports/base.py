@@ -62,6 +62,25 @@ class Done:
         return self._result
 
 
+class Resumable:
+    """A :class:`Pending` around a native call that takes its budget last and returns 0 (or ``(0, ...)``) while
+    its exchange is incomplete; ``check()`` runs after each slice that ran out (e.g. to tell a dead peer)."""
+
+    def __init__(self, call: Callable, args: tuple, check: Callable[[], None]):
+        self.call, self.args, self.check, self._result = call, args, check, None
+
+    def poll(self, timeout_s: float) -> bool:
+        result = self.call(*self.args, timeout_s)
+        if (result[0] if isinstance(result, tuple) else result) == 0:
+            self.check()
+            return False
+        self._result = result
+        return True
+
+    def result(self):
+        return self._result
+
+
 @dataclasses.dataclass
 class Route:
     """One dispatch's routing, as the tokens level sees it.

@@ -26,7 +26,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .. import _waits, compute
 from .._wire import dense
-from . import _segments, _shm_engine, _shm_low_latency, _shm_slots
+from . import _segments, _shm_engine, _shm_low_latency, _shm_normal, _shm_slots
 from .base import Transport
 
 #: Ring bytes per source when ``num_nvl_bytes`` is 0: small enough to stay in cache, big enough for bursts.
@@ -165,6 +165,7 @@ class ShmTransport(Transport):
         self._queue: list[_Exchange] = []
         self._slots = _shm_slots.Slots(self)
         self._low_latency = _shm_low_latency.LowLatency(self)
+        self._normal = _shm_normal.Normal(self)
         self._blocks = _OutputBlocks(self)
         self._direct_seq = 0
         # Names that stay under /dev/shm while this backend lives (its output blocks) go at interpreter exit
@@ -204,7 +205,9 @@ class ShmTransport(Transport):
         return segments
 
     def override(self, op: str):
-        """The low-latency ops in one native call each (see ``_shm_low_latency``)."""
+        """Normal dispatch (``_shm_normal``) and the low-latency ops (``_shm_low_latency``) in native calls."""
+        if op == "dispatch":
+            return self._normal.dispatch
         if op == "low_latency_dispatch":
             return self._low_latency.dispatch
         if op == "low_latency_combine":

@@ -1,0 +1,279 @@
+// Normal-mode dispatch on the shm backend in two native calls (deep_ep_ops/transports/_shm_normal.py calls
+// them; deep_ep_ops/normal.py is the specification and the tests hold both to the same reference).
+//
+// _shm_dispatch_agree: the handshake through the rings (the same header rows _handshake.agree sends, so a rank
+// on the portable path and one here agree with each other), checked here, then the [R, R] traffic matrix. When
+// every rank offered the ring protocol (a spare settings word of the header) and every rank receives little,
+// it allocates the outputs and moves the rows through the rings, one packed row per (token, rank): 1 when done,
+// 5 when the budget ran out while rows move (_shm_dispatch_rows goes on). Otherwise it returns 3 and the
+// portable path moves the rows (direct writes into the receivers' outputs, one copy, the better way for large
+// batches). 2: a header disagrees (the caller raises from the headers in scratch); 4: a rank would receive more
+// than its limit; 0: the budget ran out during the handshake (call again).
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "shm_protocol.h"
+
+namespace deepep {
+namespace {
+
+using namespace shm;
+
+// Header words (deep_ep_ops/_handshake.py) and the config vector of both calls.
+constexpr int64_t kMagic = 0, kStatus = 3, kSettings = 7, kCounts = 19, kOffer = kCounts - 1;
+constexpr int64_t kExpertOutOfRange = 2, kLayoutMismatch = 3;
+enum Config { kNumSettings, kNumExperts, kNumWorst, kSmallBytes, kExpertAlignment, kTokenNumsType, kConfigSize };
+
+int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
+
+// The packed row of one token: data | scales | source index (int32) | topk_idx (int64) | topk_weights (f32).
+struct Row {
+  int64_t data, scales, src, idx, weights, bytes;
+  Row(int64_t data_bytes, int64_t scales_bytes, int64_t k, int64_t weights_k)
+      : data(0), scales(align8(data_bytes)), src(scales + align8(scales_bytes)), idx(src + 8),
+        weights(idx + 8 * k), bytes(std::max<int64_t>(weights + align8(4 * weights_k), 8)) {}
+};
+
+// Bytes of one row of a [n, ...] tensor (from its shape: the same on a rank with no tokens).
+// One int64 scratch tensor per dispatch (zeros): the matrix, the two cursors, then every rank's header.
+inline int64_t scratch_words(int64_t num_ranks, int64_t width) { return num_ranks * num_ranks + 2 * (2 * num_ranks + 1) + num_ranks * width; }
+
+struct Scratch {
+  int64_t *matrix, *agree, *rows, *headers;
+  Scratch(const at::Tensor& t, int64_t num_ranks, int64_t /*width*/) {
+    matrix = t.data_ptr<int64_t>();
+    agree = matrix + num_ranks * num_ranks;
+    rows = agree + 2 * num_ranks + 1;
+    headers = rows + 2 * num_ranks + 1;
+  }
+};
+
+int64_t row_bytes_of(const at::Tensor& t) {
+  int64_t bytes = t.element_size();
+  for (int64_t d = 1; d < t.dim(); ++d) bytes *= t.size(d);
+  return bytes;
+}
+
+// This rank's status: the first expert id outside [-1, E), else the first entry of is_token_in_rank that
+// topk_idx does not give (in row-major order, like normal._status).
+void set_status(int64_t* header, const int64_t* idx, const bool* in_rank, int64_t n, int64_t k, int64_t num_ranks,
+                int64_t num_experts) {
+  for (int64_t i = 0; i < n * k; ++i)
+    if (idx[i] < -1 || idx[i] >= num_experts) {
+      const int64_t status[4] = {kExpertOutOfRange, i / k, i % k, idx[i]};
+      std::memcpy(header + kStatus, status, sizeof(status));
+      return;
+    }
+  const int64_t local = num_experts / num_ranks;
+  std::vector<char> expected(num_ranks);
+  for (int64_t t = 0; t < n; ++t) {
+    std::fill(expected.begin(), expected.end(), 0);
+    for (int64_t j = 0; j < k; ++j)
+      if (idx[t * k + j] >= 0) expected[idx[t * k + j] / local] = 1;
+    for (int64_t r = 0; r < num_ranks; ++r)
+      if (bool(expected[r]) != in_rank[t * num_ranks + r]) {
+        const int64_t status[4] = {kLayoutMismatch, t, r, in_rank[t * num_ranks + r]};
+        std::memcpy(header + kStatus, status, sizeof(status));
+        return;
+      }
+  }
+}
+
+// The rows through the rings into the outputs of agree (its cursor: [0, 2R) of ring_exchange, [2R] own rows done).
+int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+             const at::Tensor& data, const std::optional<at::Tensor>& scales, const at::Tensor& topk_idx,
+             const std::optional<at::Tensor>& topk_weights, const at::Tensor& is_token_in_rank,
+             c10::IntArrayRef config, int64_t rank, at::TensorList outputs, const at::Tensor& scratch,
+             double budget_s) {
+  const int64_t num_ranks = rings.size(), n = data.size(0), k = topk_idx.size(1);
+  TORCH_CHECK(data.is_contiguous() && (!scales || scales->is_contiguous()) &&
+                  (!topk_weights || topk_weights->is_contiguous()),
+              "deepep: expected contiguous tensors");
+  const int64_t data_bytes = row_bytes_of(data), scales_bytes = scales ? row_bytes_of(*scales) : 0;
+  const int64_t weights_k = topk_weights ? k : 0;
+  const Row row(data_bytes, scales_bytes, k, weights_k);
+  const Scratch at_(scratch, num_ranks, 0);
+  const int64_t* matrix = at_.matrix;
+  std::vector<int64_t> send_counts(num_ranks), recv_counts(num_ranks);
+  for (int64_t r = 0; r < num_ranks; ++r) {
+    send_counts[r] = matrix[rank * num_ranks + r];
+    recv_counts[r] = matrix[r * num_ranks + rank];
+  }
+  const auto recv_off = prefix(recv_counts);
+  // Row j of the stream to d: the j-th token (in order) that goes to d.
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  std::vector<std::vector<int64_t>> tokens(num_ranks);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < num_ranks; ++d)
+      if (in_rank[t * num_ranks + d]) tokens[d].push_back(t);
+  const char* x = static_cast<const char*>(data.data_ptr());
+  const char* sc = scales ? static_cast<const char*>(scales->data_ptr()) : nullptr;
+  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  const float* w = topk_weights ? topk_weights->data_ptr<float>() : nullptr;
+  auto write = [&](int64_t d, int64_t j, char* dst) {
+    const int64_t t = tokens[d][j];
+    const int32_t source = static_cast<int32_t>(t);
+    std::memcpy(dst + row.data, x + t * data_bytes, data_bytes);
+    if (scales_bytes) std::memcpy(dst + row.scales, sc + t * scales_bytes, scales_bytes);
+    std::memcpy(dst + row.src, &source, 4);
+    std::memcpy(dst + row.idx, idx + t * k, 8 * k);
+    if (weights_k) std::memcpy(dst + row.weights, w + t * k, 4 * k);
+  };
+  char* recv_x = static_cast<char*>(outputs[0].data_ptr());
+  char* recv_scales = static_cast<char*>(outputs[1].data_ptr());
+  int64_t* recv_idx = outputs[2].data_ptr<int64_t>();
+  float* recv_weights = outputs[3].data_ptr<float>();
+  int32_t* counts = outputs[4].data_ptr<int32_t>();
+  int32_t* src_idx = outputs[8].data_ptr<int32_t>();
+  const int64_t num_local = outputs[4].numel(), first = rank * num_local;
+  std::vector<char> seen(num_local);
+  auto take = [&](int64_t s, int64_t j, const char* src, int64_t count) {
+    for (int64_t q = 0; q < count; ++q, src += row.bytes) {
+      const int64_t r = recv_off[s] + j + q;
+      std::memcpy(recv_x + r * data_bytes, src + row.data, data_bytes);
+      if (scales_bytes) std::memcpy(recv_scales + r * scales_bytes, src + row.scales, scales_bytes);
+      std::memcpy(src_idx + r, src + row.src, 4);
+      std::fill(seen.begin(), seen.end(), 0);
+      for (int64_t i = 0; i < k; ++i) {
+        int64_t id;
+        std::memcpy(&id, src + row.idx + 8 * i, 8);
+        const bool local = id >= first && id < first + num_local;
+        recv_idx[r * k + i] = local ? id - first : -1;
+        if (weights_k) {
+          float v;
+          std::memcpy(&v, src + row.weights + 4 * i, 4);
+          recv_weights[r * k + i] = local ? v : 0.0f;
+        }
+        if (local && !seen[id - first]) {
+          seen[id - first] = 1;
+          ++counts[id - first];
+        }
+      }
+    }
+  };
+  int64_t* cursor = at_.rows;
+  if (!cursor[2 * num_ranks]) {  // this rank's own rows: packed and taken through one row buffer
+    std::vector<char> buffer(row.bytes);
+    for (int64_t j = 0; j < send_counts[rank]; ++j) {
+      write(rank, j, buffer.data());
+      take(rank, j, buffer.data(), 1);
+    }
+    cursor[rank] = cursor[num_ranks + rank] = send_counts[rank];
+    cursor[2 * num_ranks] = 1;
+  }
+  if (!ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, row.bytes, send_counts, recv_counts, rank,
+                     budget_s, write, take))
+    return 0;
+  // Per-expert counts as the op returns them: aligned up, then prefix sums with MOE_EXPERT_TOKEN_NUMS_TYPE=0.
+  const int64_t alignment = std::max<int64_t>(config[kExpertAlignment], 1);
+  int64_t running = 0;
+  for (int64_t e = 0; e < num_local; ++e) {
+    const int64_t c = (counts[e] + alignment - 1) / alignment * alignment;
+    running += c;
+    counts[e] = static_cast<int32_t>(config[kTokenNumsType] == 0 ? running : c);
+  }
+  return 1;
+}
+
+std::tuple<int64_t, std::vector<at::Tensor>> agree(
+    const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+    c10::IntArrayRef header_row, const at::Tensor& data, const std::optional<at::Tensor>& scales,
+    const at::Tensor& topk_idx, const std::optional<at::Tensor>& topk_weights, const at::Tensor& is_token_in_rank,
+    c10::IntArrayRef config, int64_t rank, const at::Tensor& scratch, double budget_s) {
+  const int64_t num_ranks = rings.size(), width = header_row.size(), n = data.size(0), k = topk_idx.size(1);
+  TORCH_CHECK(topk_idx.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
+                  scratch.numel() >= scratch_words(num_ranks, width),
+              "deepep: expected contiguous tensors and scratch words");
+  const Scratch at_(scratch, num_ranks, width);
+  int64_t* headers = at_.headers;
+  int64_t* mine = headers + rank * width;
+  int64_t* cursor = at_.agree;
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  if (!cursor[2 * num_ranks]) {  // first call: this rank's header, then its own row is in place
+    std::memcpy(mine, header_row.data(), width * 8);
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + d] += in_rank[t * num_ranks + d];
+    set_status(mine, topk_idx.data_ptr<int64_t>(), in_rank, n, k, num_ranks, config[kNumExperts]);
+    cursor[rank] = cursor[num_ranks + rank] = 1;
+    cursor[2 * num_ranks] = 1;
+  }
+  const std::vector<int64_t> ones(num_ranks, 1);
+  if (!ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, width * 8, ones, ones, rank, budget_s,
+                     [&](int64_t, int64_t, char* dst) { std::memcpy(dst, mine, width * 8); },
+                     [&](int64_t s, int64_t, const char* src, int64_t) { std::memcpy(headers + s * width, src, width * 8); }))
+    return {0, {}};
+  bool agreed = true, offered = true;
+  for (int64_t s = 0; s < num_ranks; ++s) {
+    const int64_t* h = headers + s * width;
+    agreed = agreed && std::memcmp(h, mine, kStatus * 8) == 0 && h[kStatus] == 0 &&
+             std::memcmp(h + kSettings, mine + kSettings, config[kNumSettings] * 8) == 0;
+    offered = offered && h[kOffer] == 1;
+  }
+  if (!agreed) return {2, {}};
+  int64_t* matrix = at_.matrix;
+  int64_t most = 0;
+  for (int64_t s = 0; s < num_ranks; ++s)
+    for (int64_t d = 0; d < num_ranks; ++d) matrix[s * num_ranks + d] = headers[s * width + kCounts + d];
+  const int64_t limit = config[kNumWorst] > 0 ? config[kNumWorst] : INT32_MAX;
+  for (int64_t d = 0; d < num_ranks; ++d) {
+    int64_t total = 0;
+    for (int64_t s = 0; s < num_ranks; ++s) total += matrix[s * num_ranks + d];
+    if (total > limit) return {4, {}};
+    most = std::max(most, total);
+  }
+  const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, k, topk_weights ? k : 0);
+  if (!offered || most * row.bytes > config[kSmallBytes]) return {3, {}};
+
+  // The outputs, as normal.dispatch returns them (padding rows past the received ones, for num_worst_tokens).
+  int64_t received = 0;
+  for (int64_t s = 0; s < num_ranks; ++s) received += matrix[s * num_ranks + rank];
+  const int64_t total = std::max(received, config[kNumWorst]), num_local = config[kNumExperts] / num_ranks;
+  auto shape = data.sizes().vec();
+  shape[0] = total;
+  at::Tensor recv_x = at::zeros(shape, data.options());
+  at::Tensor recv_scales;
+  if (scales) {
+    auto scales_shape = scales->sizes().vec();
+    scales_shape[0] = total;
+    recv_scales = at::zeros(scales_shape, scales->options());
+  } else {
+    recv_scales = at::empty({total, 0}, data.options().dtype(at::kFloat));
+  }
+  auto i32 = topk_idx.options().dtype(at::kInt);
+  at::Tensor recv_idx = at::full({total, k}, -1, topk_idx.options());
+  at::Tensor recv_weights = at::zeros({total, topk_weights ? k : 0}, topk_idx.options().dtype(at::kFloat));
+  at::Tensor counts = at::zeros({num_local}, i32);
+  at::Tensor prefix_matrix = at::empty({num_ranks, num_ranks}, i32), channel = at::empty({num_ranks, 1}, i32);
+  at::Tensor zeros = at::zeros({num_ranks, 1}, i32), src_idx = at::full({total}, -1, i32);
+  at::Tensor send_head = at::empty({n, num_ranks}, i32);
+  int32_t* pm = prefix_matrix.data_ptr<int32_t>();
+  for (int64_t d = 0; d < num_ranks; ++d) {
+    int64_t sum = 0;
+    for (int64_t s = 0; s < num_ranks; ++s) pm[s * num_ranks + d] = static_cast<int32_t>(sum += matrix[s * num_ranks + d]);
+    channel.data_ptr<int32_t>()[d] = static_cast<int32_t>(matrix[rank * num_ranks + d]);
+  }
+  int32_t* head = send_head.data_ptr<int32_t>();
+  std::vector<int32_t> order(num_ranks, 0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < num_ranks; ++d)
+      head[t * num_ranks + d] = in_rank[t * num_ranks + d] ? order[d]++ : -1;
+  std::vector<at::Tensor> outputs{recv_x, recv_scales, recv_idx, recv_weights, counts, prefix_matrix, channel, zeros,
+                                  src_idx, send_head};
+  // The rows, in this same call when they all move within the budget (5: call _shm_dispatch_rows to go on).
+  const int64_t moved = rows(rings, geometry, mirror, data, scales, topk_idx, topk_weights, is_token_in_rank, config,
+                             rank, outputs, scratch, budget_s);
+  return {moved ? 1 : 5, outputs};
+}
+
+}  // namespace
+}  // namespace deepep
+
+TORCH_LIBRARY_IMPL(deepep, CPU, m) {
+  m.impl("_shm_dispatch_agree", &deepep::agree);
+  m.impl("_shm_dispatch_rows", &deepep::rows);
+}
