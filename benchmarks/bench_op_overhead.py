@@ -4,9 +4,11 @@
 
 Columns (µs per call, median over iterations, max over ranks):
 
-* ``torch.ops``: the op as users call it (dispatcher + autograd wrapper + kernel).
-* ``kernel``: the same kernel function called directly from Python, so ``torch.ops − kernel`` is what
-  the torch.library registration costs.
+* ``torch.ops``: the op as users call it (dispatcher + autograd wrapper + kernel), one call after a barrier.
+* ``back to back``: the same op called ``--iters`` times in a row, per call: the host cost without the wake-up
+  of a core that sat in the barrier (caches, branch predictors), the way a model's layers call it.
+* ``kernel``: the kernel the op runs (the backend's whole-op path where it has one), called directly from
+  Python, so ``torch.ops − kernel`` is what the torch.library registration costs.
 * ``transport``: ``transport.all_to_all`` of the op's payload bytes alone (the baseline). ``kernel −
   transport`` is this package's own work: checks, handshake, packing and unpacking.
 * ``handshake``: the fixed-size header exchange that every communicating op starts with.
@@ -51,17 +53,24 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
         _handshake.exchange(ctx, "dispatch", 0, rows)
 
     args_dispatch = (x, None, idx, w, in_rank, per_expert, num_experts, g, world)
+
+    def kernel(name: str, portable):
+        """What ``deepep::<name>`` runs: the backend's whole-op kernel where it has one, else the portable one."""
+        return ctx.transport.override(name) or portable
     cases = [
         ("get_dispatch_layout", lambda: torch.ops.deepep.get_dispatch_layout(idx, num_experts, g, world, world),
-         lambda: normal.get_dispatch_layout(idx, num_experts, g, world, world), None),
-        ("dispatch", lambda: torch.ops.deepep.dispatch(*args_dispatch), lambda: normal.dispatch(*args_dispatch),
+         lambda: kernel("get_dispatch_layout", normal.get_dispatch_layout)(idx, num_experts, g, world, world), None),
+        ("dispatch", lambda: torch.ops.deepep.dispatch(*args_dispatch),
+         lambda: kernel("dispatch", normal.dispatch)(*args_dispatch),
          transport(send_counts, recv_counts)),
         ("dispatch (x requires grad)", lambda: torch.ops.deepep.dispatch(xg, *args_dispatch[1:]),
-         lambda: normal.dispatch(xg.detach(), *args_dispatch[1:]), transport(send_counts, recv_counts)),
+         lambda: kernel("dispatch", normal.dispatch)(xg.detach(), *args_dispatch[1:]), transport(send_counts, recv_counts)),
         ("dispatch.cached", lambda: torch.ops.deepep.dispatch.cached(x, None, None, handle, g, world),
-         lambda: normal.cached_dispatch(x, None, None, handle, g, world), transport(send_counts, recv_counts)),
+         lambda: kernel("dispatch.cached", normal.cached_dispatch)(x, None, None, handle, g, world),
+         transport(send_counts, recv_counts)),
         ("combine", lambda: torch.ops.deepep.combine(recv_x, handle, None, None, None, g, world),
-         lambda: normal.combine(recv_x, handle, None, None, None, g, world), transport(recv_counts, send_counts)),
+         lambda: kernel("combine", normal.combine)(recv_x, handle, None, None, None, g, world),
+         transport(recv_counts, send_counts)),
     ]
     rows = []
     for i, (name, op_call, kernel_call, transport_call) in enumerate(cases, 1):
@@ -69,8 +78,9 @@ def _bench(rank: int, world: int, tokens: int, hidden: int, iters: int, warmup: 
             progress(i, len(cases), name)
         op_us = summary_us(time_calls(op_call, iters, warmup, group))["median_us"]
         kernel_us = summary_us(time_calls(kernel_call, iters, warmup, group))["median_us"]
-        row = {"op": name, "torch_ops_us": op_us, "kernel_us": kernel_us, "library_overhead_us": op_us - kernel_us,
-               "transport_us": float("nan"), "handshake_us": float("nan")}
+        in_a_row = summary_us(time_calls(lambda: [op_call() for _ in range(iters)], 5, 1, group))["median_us"] / iters
+        row = {"op": name, "torch_ops_us": op_us, "back_to_back_us": in_a_row, "kernel_us": kernel_us,
+               "library_overhead_us": op_us - kernel_us, "transport_us": float("nan"), "handshake_us": float("nan")}
         if transport_call is not None:
             row["transport_us"] = summary_us(time_calls(transport_call, iters, warmup, group))["median_us"]
             row["handshake_us"] = summary_us(time_calls(handshake, iters, warmup, group))["median_us"]
@@ -87,7 +97,8 @@ def main(argv=None) -> None:
     rows = run_ranks(args.ranks, _bench, args.tokens, args.hidden, args.iters, args.warmup)
     print_table(f"op overhead, {args.ranks} rank(s), {args.tokens} tokens x hidden {args.hidden} bf16, top-2 of "
                 f"{8 * args.ranks} experts; µs per call (median of {args.iters}, max over ranks)",
-                [("op", "op", "s"), ("torch_ops_us", "torch.ops", ".1f"), ("kernel_us", "kernel", ".1f"),
+                [("op", "op", "s"), ("torch_ops_us", "torch.ops", ".1f"), ("back_to_back_us", "back to back", ".1f"),
+                 ("kernel_us", "kernel", ".1f"),
                  ("library_overhead_us", "torch.library overhead", ".1f"), ("transport_us", "transport (baseline)", ".1f"),
                  ("handshake_us", "handshake", ".1f")], rows)
     write_json(args.json, {"benchmark": "op_overhead", "config": vars(args), "rows": rows})
