@@ -12,10 +12,14 @@ Bytes follow DESIGN §7: one row per (token, selected expert), the local rank in
 bytes of a row (BF16 2·H; FP8 H + 4·H/128; INT8 H + 4; combine 2·H). Baselines for exactly those rows:
 ``a2a`` is a plain ``all_to_all_single`` there (dispatch rows) and back (combine rows), counts known in
 advance and buffers allocated once; ``memcpy`` copies the same bytes between pre-faulted buffers.
-``x a2a`` = baseline µs / (dispatch + combine) µs.
+``x a2a`` = baseline µs / (dispatch + combine) µs. Each sample starts after a barrier, so it includes the ranks'
+skew and a core's wake-up; ``in a row`` times 16 steps back to back instead (a decode step runs layer after
+layer), for the op and the baseline alike.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.distributed as dist
@@ -55,21 +59,35 @@ def _bench(rank: int, world: int, args) -> list[dict]:
             y = torch.zeros(handle[0].shape + (args.hidden,), dtype=torch.bfloat16)
             t_d = timed(lambda: buf.low_latency_dispatch(x, idx, m, args.num_experts, **kw), args, group)
             t_c = timed(lambda: buf.low_latency_combine(y, idx, w, handle), args, group)
-            t_both = timed(lambda: buf.low_latency_combine(
-                y, idx, w, buf.low_latency_dispatch(x, idx, m, args.num_experts, **kw)[2]), args, group)
+            def both():
+                return buf.low_latency_combine(y, idx, w, buf.low_latency_dispatch(x, idx, m, args.num_experts,
+                                                                                  **kw)[2])
+
+            t_both = timed(both, args, group)
+            in_a_row = _in_a_row(both, args, group)
             buf.destroy()
             row.update({f"{transport}_dispatch_us": t_d["median_us"], f"{transport}_combine_us": t_c["median_us"],
                         f"{transport}_us": t_both["median_us"], f"{transport}_p10_us": t_both["p10_us"],
-                        f"{transport}_p90_us": t_both["p90_us"]})
+                        f"{transport}_p90_us": t_both["p90_us"], f"{transport}_row_us": in_a_row})
         there, back = raw_all_to_all(per_dest, row_bytes, group), raw_all_to_all(per_dest, 2 * args.hidden, group)
         a2a = timed(lambda: (there(), back()), args, group)["median_us"]
+        row["a2a_row_us"] = _in_a_row(lambda: (there(), back()), args, group)
         nbytes = int(per_dest.sum()) * (row_bytes + 2 * args.hidden)
         row.update({"a2a_us": a2a, "memcpy_us": timed(memcpy(nbytes), args, group)["median_us"],
                     "logical_MB": int(selections) * (row_bytes + 2 * args.hidden) / 1e6})
         for transport in args.transport:
             row[f"{transport}_x_a2a"] = a2a / row[f"{transport}_us"]
+            row[f"{transport}_row_x_a2a"] = row["a2a_row_us"] / row[f"{transport}_row_us"]
         rows.append(row)
     return rows
+
+
+def _in_a_row(step, args, group, steps: int = 16) -> float:
+    """µs per step of ``steps`` steps back to back (a decode step runs layer after layer, no barrier between
+    them): median over ``--iters`` rounds, each the max over ranks."""
+    rounds = max(3, args.iters // steps)
+    return timed(lambda: [step() for _ in range(steps)], argparse.Namespace(iters=rounds, warmup=1), group)[
+        "median_us"] / steps
 
 
 def main(argv=None) -> None:
@@ -87,8 +105,10 @@ def main(argv=None) -> None:
     for t in args.transport:
         columns += [(f"{t}_dispatch_us", f"{t} dispatch µs", ".0f"), (f"{t}_combine_us", "combine µs", ".0f"),
                     (f"{t}_us", "both µs", ".0f"), (f"{t}_p10_us", "p10", ".0f"), (f"{t}_p90_us", "p90", ".0f"),
-                    (f"{t}_x_a2a", "x a2a", ".2f")]
-    columns += [("a2a_us", "a2a there+back µs", ".0f"), ("memcpy_us", "memcpy µs", ".0f"),
+                    (f"{t}_x_a2a", "x a2a", ".2f"), (f"{t}_row_us", "in a row µs", ".0f"),
+                    (f"{t}_row_x_a2a", "x a2a", ".2f")]
+    columns += [("a2a_us", "a2a there+back µs", ".0f"), ("a2a_row_us", "in a row µs", ".0f"),
+                ("memcpy_us", "memcpy µs", ".0f"),
                 ("logical_MB", "logical MB", ".2f")]
     title = (f"low-latency, {args.ranks} ranks, M {args.max_tokens}, hidden {args.hidden}, top-{args.num_topk} of "
              f"{args.num_experts} experts; dispatch + combine µs (median, p10-p90, max over ranks)")
