@@ -20,6 +20,10 @@
 #include "shm_protocol.h"
 
 namespace deepep {
+
+void accumulate_row(float* acc, const void* row, at::ScalarType dtype, int64_t n);
+void store_accumulated(void* out, const float* acc, at::ScalarType dtype, int64_t n);
+
 namespace {
 
 using namespace shm;
@@ -82,6 +86,44 @@ void set_status(int64_t* header, const int64_t* idx, const bool* in_rank, int64_
         return;
       }
   }
+}
+
+// The handshake through the rings: this rank's header row (already in ``headers``) to every peer, theirs into
+// ``headers`` (cursor: [0, 2R) of ring_exchange; this rank's own entries preset).
+bool exchange_headers(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+                      int64_t* headers, int64_t width, int64_t rank, int64_t* cursor, double budget_s) {
+  const int64_t num_ranks = rings.size();
+  const int64_t* mine = headers + rank * width;
+  const std::vector<int64_t> ones(num_ranks, 1);
+  return ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, width * 8, ones, ones, rank, budget_s,
+                       [&](int64_t, int64_t, char* dst) { std::memcpy(dst, mine, width * 8); },
+                       [&](int64_t s, int64_t, const char* src, int64_t) {
+                         std::memcpy(headers + s * width, src, width * 8);
+                       });
+}
+
+// Whether every header matches this rank's (magic, op, sequence, settings), reports status 0, and every rank
+// sends each peer as many rows as that peer expects from it (-1: anything), as _handshake.validate checks.
+bool headers_agree(const int64_t* headers, int64_t num_ranks, int64_t width, int64_t rank, int64_t num_settings) {
+  const int64_t* mine = headers + rank * width;
+  for (int64_t s = 0; s < num_ranks; ++s) {
+    const int64_t* h = headers + s * width;
+    if (std::memcmp(h, mine, kStatus * 8) != 0 || h[kStatus] != 0 ||
+        std::memcmp(h + kSettings, mine + kSettings, num_settings * 8) != 0)
+      return false;
+    for (int64_t src = 0; src < num_ranks; ++src) {
+      const int64_t expected = h[kCounts + num_ranks + src], sent = headers[src * width + kCounts + s];
+      if (expected >= 0 && sent != expected) return false;
+    }
+  }
+  return true;
+}
+
+// Whether every rank offered the ring protocol for the rows (the spare settings word).
+bool all_offered(const int64_t* headers, int64_t num_ranks, int64_t width) {
+  for (int64_t s = 0; s < num_ranks; ++s)
+    if (headers[s * width + kOffer] != 1) return false;
+  return true;
 }
 
 // The rows through the rings into the outputs of agree (its cursor: [0, 2R) of ring_exchange, [2R] own rows done).
@@ -202,18 +244,9 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
     cursor[rank] = cursor[num_ranks + rank] = 1;
     cursor[2 * num_ranks] = 1;
   }
-  const std::vector<int64_t> ones(num_ranks, 1);
-  if (!ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, width * 8, ones, ones, rank, budget_s,
-                     [&](int64_t, int64_t, char* dst) { std::memcpy(dst, mine, width * 8); },
-                     [&](int64_t s, int64_t, const char* src, int64_t) { std::memcpy(headers + s * width, src, width * 8); }))
-    return {0, {}};
-  bool agreed = true, offered = true;
-  for (int64_t s = 0; s < num_ranks; ++s) {
-    const int64_t* h = headers + s * width;
-    agreed = agreed && std::memcmp(h, mine, kStatus * 8) == 0 && h[kStatus] == 0 &&
-             std::memcmp(h + kSettings, mine + kSettings, config[kNumSettings] * 8) == 0;
-    offered = offered && h[kOffer] == 1;
-  }
+  if (!exchange_headers(rings, geometry, mirror, headers, width, rank, cursor, budget_s)) return {0, {}};
+  const bool agreed = headers_agree(headers, num_ranks, width, rank, config[kNumSettings]);
+  const bool offered = all_offered(headers, num_ranks, width);
   if (!agreed) return {2, {}};
   int64_t* matrix = at_.matrix;
   int64_t most = 0;
@@ -270,10 +303,145 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
   return {moved ? 1 : 5, outputs};
 }
 
+
+// --- combine ----------------------------------------------------------------------------------------------
+// Each rank sends every source back the rows it got from it (x[:valid], source-major) and, with topk_weights,
+// their weights, packed in one row; each source sums its tokens' rows in rank order after the biases, in fp32,
+// rounded once (compute.Kernels.combine_reduce), and the weights likewise into float32.
+enum CombineConfig { kCombineSettings, kCombineSmallBytes };
+constexpr int64_t kHandleRows = 4;
+
+// normal._fingerprint of a rank_prefix_matrix, in the same wrapping int64 arithmetic and Python's modulo.
+int64_t fingerprint(const int32_t* matrix, int64_t numel) {
+  uint64_t sum = 0;
+  for (int64_t i = 0; i < numel; ++i)
+    sum += uint64_t(int64_t(matrix[i])) * uint64_t((i * int64_t(2654435761) + 97) % 2147483647);
+  const int64_t value = static_cast<int64_t>(sum), m = int64_t(1) << 62;
+  return ((value % m) + m) % m;
+}
+
+int64_t combine_rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+                     const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+                     const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
+                     const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank,
+                     at::TensorList outputs, const at::Tensor& scratch, double budget_s) {
+  const int64_t num_ranks = rings.size(), hidden = x.size(1), k = topk_weights ? topk_weights->size(1) : 0;
+  TORCH_CHECK(x.is_contiguous() && (!topk_weights || topk_weights->is_contiguous()), "deepep: expected contiguous");
+  const int64_t x_bytes = hidden * x.element_size(), weights_offset = align8(x_bytes);
+  const int64_t row_bytes = std::max<int64_t>(weights_offset + align8(4 * k), 8);
+  const Scratch at_(scratch, num_ranks, 0);
+  std::vector<int64_t> send_counts(num_ranks), recv_counts(num_ranks);
+  for (int64_t r = 0; r < num_ranks; ++r) {
+    send_counts[r] = at_.matrix[rank * num_ranks + r];
+    recv_counts[r] = at_.matrix[r * num_ranks + rank];
+  }
+  const auto send_off = prefix(send_counts), recv_off = prefix(recv_counts);
+  const char* xs = static_cast<const char*>(x.data_ptr());
+  const float* w = topk_weights ? topk_weights->data_ptr<float>() : nullptr;
+  char* staging = static_cast<char*>(outputs[2].data_ptr());
+  auto write = [&](int64_t d, int64_t j, char* dst) {
+    const int64_t row = send_off[d] + j;
+    std::memcpy(dst, xs + row * x_bytes, x_bytes);
+    if (k) std::memcpy(dst + weights_offset, w + row * k, 4 * k);
+  };
+  int64_t* cursor = at_.rows;
+  if (!cursor[2 * num_ranks]) {  // this rank's own rows: straight into the staging rows
+    for (int64_t j = 0; j < send_counts[rank]; ++j) write(rank, j, staging + (recv_off[rank] + j) * row_bytes);
+    cursor[rank] = cursor[num_ranks + rank] = send_counts[rank];
+    cursor[2 * num_ranks] = 1;
+  }
+  if (!ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, row_bytes, send_counts, recv_counts, rank,
+                     budget_s, write, [&](int64_t s, int64_t j, const char* src, int64_t n) {
+                       std::memcpy(staging + (recv_off[s] + j) * row_bytes, src, n * row_bytes);
+                     }))
+    return 0;
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  const int64_t num_tokens = is_token_in_rank.size(0);
+  std::vector<at::Tensor> biases;
+  for (const auto& b : {bias_0, bias_1})
+    if (b.has_value()) biases.push_back(b->contiguous());
+  std::vector<int64_t> taken(num_ranks, 0);
+  std::vector<float> acc(hidden), acc_w(k);
+  char* out = static_cast<char*>(outputs[0].data_ptr());
+  char* out_w = static_cast<char*>(outputs[1].data_ptr());
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(acc_w.begin(), acc_w.end(), 0.0f);
+    for (const auto& b : biases)
+      accumulate_row(acc.data(), static_cast<const char*>(b.data_ptr()) + t * hidden * b.element_size(),
+                     b.scalar_type(), hidden);
+    for (int64_t r = 0; r < num_ranks; ++r) {
+      if (!in_rank[t * num_ranks + r]) continue;
+      const char* row = staging + (recv_off[r] + taken[r]++) * row_bytes;
+      accumulate_row(acc.data(), row, x.scalar_type(), hidden);
+      if (k) accumulate_row(acc_w.data(), row + weights_offset, at::kFloat, k);
+    }
+    store_accumulated(out + t * x_bytes, acc.data(), x.scalar_type(), hidden);
+    if (k) store_accumulated(out_w + t * 4 * k, acc_w.data(), at::kFloat, k);
+  }
+  return 1;
+}
+
+std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
+    const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+    c10::IntArrayRef header_row, const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+    const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
+    const at::Tensor& rank_prefix_matrix, const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank,
+    const at::Tensor& scratch, double budget_s) {
+  const int64_t num_ranks = rings.size(), width = header_row.size();
+  TORCH_CHECK(rank_prefix_matrix.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
+                  scratch.numel() >= scratch_words(num_ranks, width),
+              "deepep: expected contiguous tensors and scratch words");
+  const Scratch at_(scratch, num_ranks, width);
+  int64_t* mine = at_.headers + rank * width;
+  const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  if (!at_.agree[2 * num_ranks]) {  // first call: this rank's header
+    std::memcpy(mine, header_row.data(), width * 8);
+    mine[kSettings + 3] = fingerprint(pm, num_ranks * num_ranks);
+    const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
+    if (valid > x.size(0)) {
+      const int64_t status[4] = {kHandleRows, valid, x.size(0), 0};
+      std::memcpy(mine + kStatus, status, sizeof(status));
+    }
+    for (int64_t s = 0; s < num_ranks; ++s) {
+      mine[kCounts + s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
+      mine[kCounts + num_ranks + s] = 0;
+    }
+    for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
+      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + num_ranks + d] += in_rank[t * num_ranks + d];
+    at_.agree[rank] = at_.agree[num_ranks + rank] = 1;
+    at_.agree[2 * num_ranks] = 1;
+  }
+  if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return {0, {}};
+  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kCombineSettings])) return {2, {}};
+  const int64_t k = topk_weights ? topk_weights->size(1) : 0;
+  const int64_t row_bytes = std::max<int64_t>(align8(x.size(1) * x.element_size()) + align8(4 * k), 8);
+  int64_t most = 0;
+  for (int64_t d = 0; d < num_ranks; ++d) {
+    int64_t total = 0;
+    for (int64_t s = 0; s < num_ranks; ++s)
+      total += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
+    most = std::max(most, total);
+  }
+  if (!all_offered(at_.headers, num_ranks, width) || most * row_bytes > config[kCombineSmallBytes]) return {3, {}};
+  int64_t received = 0;
+  for (int64_t s = 0; s < num_ranks; ++s) received += at_.matrix[s * num_ranks + rank];
+  const int64_t num_tokens = is_token_in_rank.size(0);
+  std::vector<at::Tensor> outputs{at::empty({num_tokens, x.size(1)}, x.options()),
+                                  at::empty({num_tokens, k}, x.options().dtype(at::kFloat)),
+                                  at::empty({received, row_bytes}, x.options().dtype(at::kByte))};
+  const int64_t moved = combine_rows(rings, geometry, mirror, x, topk_weights, bias_0, bias_1, is_token_in_rank,
+                                     config, rank, outputs, scratch, budget_s);
+  return {moved ? 1 : 5, outputs};
+}
+
 }  // namespace
 }  // namespace deepep
 
 TORCH_LIBRARY_IMPL(deepep, CPU, m) {
   m.impl("_shm_dispatch_agree", &deepep::agree);
   m.impl("_shm_dispatch_rows", &deepep::rows);
+  m.impl("_shm_combine_agree", &deepep::combine_agree);
+  m.impl("_shm_combine_rows", &deepep::combine_rows);
 }

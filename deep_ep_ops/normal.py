@@ -270,6 +270,13 @@ def combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm
     back = is_token_in_rank.sum(0)
     _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=per_source, expect_counts=back,
                      device=x.device)
+    return combine_rows(group_ctx, seq, x, handle, topk_weights, bias_0, bias_1, num_ranks, valid, comm_seq)
+
+
+def combine_rows(group_ctx, seq, x, handle, topk_weights, bias_0, bias_1, num_ranks, valid, comm_seq):
+    """A combine after its handshake: the rows back through the backend's tokens level, reduced at home."""
+    op, rank = "combine", group_ctx.rank
+    rank_prefix_matrix, _, _, _, is_token_in_rank, _ = handle
     # The dispatch's whole traffic matrix (its handle holds the prefix sums over sources).
     dispatched = rank_prefix_matrix.long().diff(dim=0, prepend=rank_prefix_matrix.new_zeros(1, num_ranks).long())
     route = Route(is_token_in_rank, dispatched, rank, handle[3][:valid])

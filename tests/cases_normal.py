@@ -152,32 +152,45 @@ def dispatch_combine(rank: int, world: int, case: Case, opts: dict) -> int:
         g = torch.Generator().manual_seed(case.seed + 1)
         biases = [tuple(torch.randn(d.is_token_in_rank.shape[0], case.hidden, generator=g).to(expert_out[0].dtype)
                         for _ in range(opts.get("bias", 0))) for d in refs]
-        combined, combined_w, _ = buf.combine(_to_float(recv_x), handle, topk_weights=recv_w,
-                                              bias=biases[rank] if biases[rank] else None)
-        ref_kw = dict(topk_weights=[d.recv_topk_weights for d in refs] if recv_w is not None else None,
-                      bias=biases if opts.get("bias") else None)
-        hierarchical = buf.transport == "hierarchical"
-        want_x, want_w = reference.combine(expert_out, refs, **ref_kw,
-                                           num_ranks_per_node=per_node_ranks if hierarchical else None)[rank]
-        assert_same("combined_x", combined, want_x)
-        assert_same("combined_topk_weights", combined_w, want_w)
-        if hierarchical:
-            # Against the flat sum: one extra rounding of each remote node's partial (to the payload's dtype,
-            # at most half a unit of the partial) and the reassociation of up to R fp32 additions (half a
-            # unit each): within R * eps * sum of |terms|.
-            flat_x, flat_w = reference.combine(expert_out, refs, **ref_kw)[rank]
-            magnitude = reference.combine([e.abs() for e in expert_out], refs,
-                                          bias=[tuple(b.abs() for b in bs) for bs in biases] if opts.get("bias")
-                                          else None)[rank][0].float()
-            bound = world * torch.finfo(flat_x.dtype).eps * magnitude + torch.finfo(flat_x.dtype).tiny
-            diff = (combined.float() - flat_x.float()).abs()
-            assert bool((diff <= bound).all()), f"combine vs flat: {(diff - bound).max()} over, case {case}"
-            if flat_w is not None:
-                torch.testing.assert_close(combined_w, flat_w, rtol=1e-6, atol=1e-7)
-        if recv_w is not None:
-            # DeepEP's invariant: combining the dispatched weights gives back the original weights.
-            masked = torch.where(inp["topk_idx"][rank] >= 0, inp["topk_weights"][rank], 0.0)
-            assert_same("combined weights == original", combined_w, masked)
+        for attempt in range(3):  # as for dispatch: portable, whole-op native, native handshake + portable rows
+            if native is not None:
+                before = native.native_calls
+                native.small_bytes = -1 if attempt == 2 else _shm_normal.SMALL_BYTES
+            combined, combined_w, _ = buf.combine(_to_float(recv_x), handle, topk_weights=recv_w,
+                                                  bias=biases[rank] if biases[rank] else None)
+            if native is not None and attempt:
+                assert native.native_calls == before + 1, ("combine", attempt, before)
+            _check_combined(case, opts, world, rank, buf, refs, expert_out, biases, recv_w, inp, per_node_ranks,
+                            combined, combined_w)
         return int(handle[0][-1, rank])
     finally:
         buf.destroy()
+
+
+def _check_combined(case, opts, world, rank, buf, refs, expert_out, biases, recv_w, inp, per_node_ranks, combined,
+                    combined_w) -> None:
+    """A combine's outputs against the reference (and, on hierarchical, against the flat sum within a bound)."""
+    ref_kw = dict(topk_weights=[d.recv_topk_weights for d in refs] if recv_w is not None else None,
+                  bias=biases if opts.get("bias") else None)
+    hierarchical = buf.transport == "hierarchical"
+    want_x, want_w = reference.combine(expert_out, refs, **ref_kw,
+                                       num_ranks_per_node=per_node_ranks if hierarchical else None)[rank]
+    assert_same("combined_x", combined, want_x)
+    assert_same("combined_topk_weights", combined_w, want_w)
+    if hierarchical:
+        # Against the flat sum: one extra rounding of each remote node's partial (to the payload's dtype,
+        # at most half a unit of the partial) and the reassociation of up to R fp32 additions (half a
+        # unit each): within R * eps * sum of |terms|.
+        flat_x, flat_w = reference.combine(expert_out, refs, **ref_kw)[rank]
+        magnitude = reference.combine([e.abs() for e in expert_out], refs,
+                                      bias=[tuple(b.abs() for b in bs) for bs in biases] if opts.get("bias")
+                                      else None)[rank][0].float()
+        bound = world * torch.finfo(flat_x.dtype).eps * magnitude + torch.finfo(flat_x.dtype).tiny
+        diff = (combined.float() - flat_x.float()).abs()
+        assert bool((diff <= bound).all()), f"combine vs flat: {(diff - bound).max()} over, case {case}"
+        if flat_w is not None:
+            torch.testing.assert_close(combined_w, flat_w, rtol=1e-6, atol=1e-7)
+    if recv_w is not None:
+        # DeepEP's invariant: combining the dispatched weights gives back the original weights.
+        masked = torch.where(inp["topk_idx"][rank] >= 0, inp["topk_weights"][rank], 0.0)
+        assert_same("combined weights == original", combined_w, masked)

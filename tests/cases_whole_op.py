@@ -67,6 +67,14 @@ def normal_errors(rank: int, world: int) -> dict[str, str]:
         _dispatch(buf, x[:4], i[:4], wt[:4], 8, num_worst_tokens=limit)  # fits: the configuration is remembered
         many = torch.zeros_like(i)  # every token of every rank goes to rank 0
         out["limit"] = _message(lambda: _dispatch(buf, x, many, wt, 8, num_worst_tokens=limit))
+        # Combine along a handle of another dispatch on rank 1 alone: the handshake tells every rank.
+        recv_x, _, recv_w, _, handle, _ = _dispatch(buf, x, i, wt, 8)
+        other = _dispatch(buf, x, torch.zeros_like(i), wt, 8)  # every token to rank 0: other counts
+        buf.combine(recv_x, handle, recv_w)  # remembered
+        calls = normal.native_calls
+        stale = (other[0], other[4], other[2]) if rank == 1 else (recv_x, handle, recv_w)
+        out["handle"] = _message(lambda: buf.combine(*stale))
+        assert normal.native_calls == calls + 1
         _dispatch(buf, x, i, wt, 8)  # the group is still usable
         return out
     finally:

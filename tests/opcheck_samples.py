@@ -174,6 +174,8 @@ def _whole_op_samples() -> dict[str, list[tuple]]:
     normal_header = _handshake.header_row("dispatch", 1, (2, 16, 0, -1, -1, 0, 2, 2, 0), [0], [-1])
     normal_header[_shm_normal.OFFER_WORD] = 1
     config = [9, 2, 0, 1 << 20, 1, 1]
+    combine_header = _handshake.header_row("combine", 1, (16, 0, 2, 0), [0], [-1])
+    combine_header[_shm_normal.OFFER_WORD] = 1
     scratch_words = 1 + 2 * 3 + width
     matrix_scratch = torch.zeros(scratch_words, dtype=torch.int64)
     matrix_scratch[0] = 3
@@ -194,4 +196,12 @@ def _whole_op_samples() -> dict[str, list[tuple]]:
                                          torch.zeros(scratch_words, dtype=torch.int64), 1.0)],
         "_shm_dispatch_rows.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), x, None, idx, w,
                                         torch.ones(3, 1, dtype=torch.bool), config, 0, outputs, matrix_scratch, 1.0)],
+        "_shm_combine_agree.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), combine_header, x,
+                                        w, None, None, torch.tensor([[3]], dtype=torch.int32),
+                                        torch.ones(3, 1, dtype=torch.bool), [4, 1 << 20], 0,
+                                        torch.zeros(scratch_words, dtype=torch.int64), 1.0)],
+        "_shm_combine_rows.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), x, w, None, None,
+                                       torch.ones(3, 1, dtype=torch.bool), [4, 1 << 20], 0,
+                                       [torch.empty(3, 16).bfloat16(), torch.empty(3, 2),
+                                        torch.empty(3, 40, dtype=torch.uint8)], matrix_scratch.clone(), 1.0)],
     }

@@ -17,7 +17,8 @@ UTILS_FOR = {"low_latency_dispatch_send.default": UTILS[:3], "low_latency_combin
 # schema (what they mutate) is checked here; their behaviour is tested against the pure-torch engine.
 SHM_OPS = ("_shm_ring_copy.default", "_shm_ring_combine.default", "_shm_slots_send.default",
            "_shm_slots_recv.default", "_shm_ll_dispatch.default", "_shm_ll_combine.default",
-           "_shm_dispatch_agree.default", "_shm_dispatch_rows.default")
+           "_shm_dispatch_agree.default", "_shm_dispatch_rows.default", "_shm_combine_agree.default",
+           "_shm_combine_rows.default")
 UTILS_FOR.update({name: ("test_schema",) for name in SHM_OPS})
 
 
@@ -64,6 +65,8 @@ deepep::_permute_rows(Tensor(a!) out, Tensor out_index, Tensor rows, Tensor row_
 deepep::_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)
 deepep::_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)
 deepep::_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()
+deepep::_shm_combine_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor rank_prefix_matrix, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])
+deepep::_shm_combine_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int
 deepep::_shm_dispatch_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor data, Tensor? scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])
 deepep::_shm_dispatch_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor data, Tensor? scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int
 deepep::_shm_ll_combine(Tensor(a!)[] segments, int[] geometry, int seq, int[] header, Tensor x, Tensor layout_range, Tensor topk_idx, Tensor topk_weights, int m, int num_experts, int num_shared, int rank, Tensor(b!) out, Tensor(c!) recv_header, Tensor(d!) state, float budget_s) -> int

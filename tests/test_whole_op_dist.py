@@ -13,12 +13,13 @@ pytestmark = [pytest.mark.distributed,
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_normal_errors_on_the_native_path(pools, world_size):
     messages = pools(world_size).run(cases_whole_op.normal_errors)
-    for kind in ("expert_id", "layout", "limit"):
+    for kind in ("expert_id", "layout", "limit", "handle"):
         assert len({m[kind] for m in messages}) == 1, (kind, messages)
     first = messages[0]
     assert "expected topk_idx values in [-1, 8), got 11 at token 2, slot 1 (on rank 1)" in first["expert_id"]
     assert "expected is_token_in_rank to match topk_idx" in first["layout"] and "(on rank 1)" in first["layout"]
     assert f"expected at most num_worst_tokens={6 * world_size - 1} tokens received per rank" in first["limit"]
+    assert first["handle"].startswith("deepep::combine: expected"), first["handle"]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _handshake, _waits, normal
+from .._wire import dtype_code
 from .base import Resumable
 
 #: Most bytes of packed rows one rank may receive for the rows to go through the rings (two copies, little host
@@ -30,12 +31,12 @@ OFFER_WORD = 7 + _handshake.MAX_SETTINGS - 1
 
 
 class Normal:
-    """The whole-op ``dispatch`` kernel of one ``ShmTransport``."""
+    """The whole-op ``dispatch`` and ``combine`` kernels of one ``ShmTransport``."""
 
     def __init__(self, transport):
         self.t = transport
         self.configs: dict[tuple, tuple[list[int], list[int]]] = {}  # checked configurations: header, config
-        self.native_calls = 0  # dispatches whose handshake ran here (the tests check that the path is taken)
+        self.native_calls = 0  # ops whose handshake ran here (the tests check that the path is taken)
         self.ring_rows = 0  # and of those, the ones whose rows went through the rings
         self.small_bytes = SMALL_BYTES  # every rank must hold the same (the tests lower it)
 
@@ -107,6 +108,65 @@ class Normal:
                                        t.check_peers), "dispatch", seq)
         return (*outputs, _handshake.next_comm_seq(comm_seq, x))
 
+    def combine(self, x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm_seq=None):
+        t = self.t
+        ctx = t.ctx
+        try:  # whatever is malformed here, the portable kernel raises its error
+            key = _combine_key(x, handle, topk_weights, bias_0, bias_1, (group_name, num_ranks))
+            config = self.configs.get(key)
+            num_recv, num_tokens = handle[3].shape[0], handle[4].shape[0]
+            fast = (config is not None and x.shape[0] == num_recv and handle[5].shape[0] == num_tokens
+                    and (topk_weights is None or topk_weights.shape[0] == num_recv)
+                    and all(b is None or b.shape[0] == num_tokens for b in (bias_0, bias_1))
+                    and not t._queue and ctx.kernels.name == "native")
+        except (AttributeError, IndexError, TypeError):
+            key, fast = None, False
+        if not fast:
+            out = normal.combine(x, handle, topk_weights, bias_0, bias_1, group_name, num_ranks, comm_seq)
+            if key is not None and key not in self.configs:
+                settings = normal.CombineSettings(x.shape[1], dtype_code(x.dtype), -1 if topk_weights is None
+                                                  else topk_weights.shape[1], 0)
+                header = _handshake.header_row("combine", 0, settings, [0] * num_ranks, [-1] * num_ranks)
+                header[OFFER_WORD] = 1
+                self.configs[key] = (header, [len(settings), 0])
+            return out
+        header, native_config = config
+        header, native_config = header.copy(), [native_config[0], self.small_bytes]
+        seq = header[2] = ctx.next_seq("combine", x.shape[0])
+        self.native_calls += 1
+        rings, geometry, mirror, rank = [s.tensor for s in t._rings], t._ring_geometry, t._mirror, ctx.rank
+        width = len(header)
+        scratch = torch.zeros(num_ranks * num_ranks + 2 * (2 * num_ranks + 1) + num_ranks * width, dtype=torch.int64)
+        x = x.contiguous()
+        topk_weights = None if topk_weights is None else topk_weights.contiguous()
+        rank_prefix_matrix, is_token_in_rank = handle[0].contiguous(), handle[4].contiguous()
+        local = (x, topk_weights, bias_0, bias_1)
+        status, outputs = _waits.wait(ctx, Resumable(
+            torch.ops.deepep._shm_combine_agree.default,
+            (rings, geometry, mirror, header, *local, rank_prefix_matrix, is_token_in_rank, native_config, rank,
+             scratch), t.check_peers), "combine", seq)
+        if status == 2:
+            _handshake.validate(ctx, "combine", seq, scratch[-num_ranks * width:].view(num_ranks, width),
+                                normal.CombineSettings)
+            raise RuntimeError("deepep::combine: expected every rank's handshake to agree, got one that does not "
+                               "(different deep_ep_ops builds?)")
+        if status == 3:  # the portable path moves the rows
+            valid = int(rank_prefix_matrix[-1, rank])
+            return normal.combine_rows(ctx, seq, x, handle, topk_weights, bias_0, bias_1, num_ranks, valid, comm_seq)
+        self.ring_rows += 1
+        if status == 5:  # rows still to move
+            _waits.wait(ctx, Resumable(torch.ops.deepep._shm_combine_rows.default,
+                                       (rings, geometry, mirror, *local, is_token_in_rank, native_config, rank, outputs,
+                                        scratch), t.check_peers), "combine", seq)
+        return outputs[0], outputs[1], _handshake.next_comm_seq(comm_seq, x)
+
 
 def _meta(t: torch.Tensor | None) -> tuple:
     return (None, None, None) if t is None else (t.dtype, t.shape[1:], t.device)
+
+
+def _combine_key(x, handle, topk_weights, bias_0, bias_1, args) -> tuple:
+    """What ``checks.check_combine`` reads, but the row counts (checked per call)."""
+    return ("combine", x.dtype, x.dim(), x.shape[1:], x.device, len(handle),
+            *(m for t in handle for m in (t.dtype, t.dim(), t.shape[1:], t.device)), handle[0].shape,
+            *_meta(topk_weights), *_meta(bias_0), *_meta(bias_1), *args)
