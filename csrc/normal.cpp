@@ -31,7 +31,9 @@ using namespace shm;
 // Header words (deep_ep_ops/_handshake.py) and the config vector of both calls.
 constexpr int64_t kMagic = 0, kStatus = 3, kSettings = 7, kCounts = 19, kOffer = kCounts - 1;
 constexpr int64_t kExpertOutOfRange = 2, kLayoutMismatch = 3;
-enum Config { kNumSettings, kNumExperts, kNumWorst, kSmallBytes, kExpertAlignment, kTokenNumsType, kConfigSize };
+// config: [settings words, small bytes, then (dispatch) num_experts, num_worst_tokens, expert_alignment,
+// expert_token_nums_type]
+enum Config { kNumSettings, kSmallBytes, kNumExperts, kNumWorst, kExpertAlignment, kTokenNumsType };
 
 int64_t align8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -127,17 +129,20 @@ bool all_offered(const int64_t* headers, int64_t num_ranks, int64_t width) {
 }
 
 // The rows through the rings into the outputs of agree (its cursor: [0, 2R) of ring_exchange, [2R] own rows done).
+// Without topk_idx it is a cached dispatch's: rows of x, scales and weights only (outputs: recv_x, recv_x_scales,
+// recv_topk_weights), the weights as they are.
 int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
-             const at::Tensor& data, const std::optional<at::Tensor>& scales, const at::Tensor& topk_idx,
-             const std::optional<at::Tensor>& topk_weights, const at::Tensor& is_token_in_rank,
-             c10::IntArrayRef config, int64_t rank, at::TensorList outputs, const at::Tensor& scratch,
-             double budget_s) {
-  const int64_t num_ranks = rings.size(), n = data.size(0), k = topk_idx.size(1);
+             const at::Tensor& data, const std::optional<at::Tensor>& scales,
+             const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+             const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank, at::TensorList outputs,
+             const at::Tensor& scratch, double budget_s) {
+  const bool cached = !topk_idx.has_value();
+  const int64_t num_ranks = rings.size(), n = data.size(0), k = cached ? 0 : topk_idx->size(1);
   TORCH_CHECK(data.is_contiguous() && (!scales || scales->is_contiguous()) &&
                   (!topk_weights || topk_weights->is_contiguous()),
               "deepep: expected contiguous tensors");
   const int64_t data_bytes = row_bytes_of(data), scales_bytes = scales ? row_bytes_of(*scales) : 0;
-  const int64_t weights_k = topk_weights ? k : 0;
+  const int64_t weights_k = topk_weights ? topk_weights->size(1) : 0;
   const Row row(data_bytes, scales_bytes, k, weights_k);
   const Scratch at_(scratch, num_ranks, 0);
   const int64_t* matrix = at_.matrix;
@@ -155,7 +160,7 @@ int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, co
       if (in_rank[t * num_ranks + d]) tokens[d].push_back(t);
   const char* x = static_cast<const char*>(data.data_ptr());
   const char* sc = scales ? static_cast<const char*>(scales->data_ptr()) : nullptr;
-  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  const int64_t* idx = cached ? nullptr : topk_idx->data_ptr<int64_t>();
   const float* w = topk_weights ? topk_weights->data_ptr<float>() : nullptr;
   auto write = [&](int64_t d, int64_t j, char* dst) {
     const int64_t t = tokens[d][j];
@@ -163,22 +168,26 @@ int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, co
     std::memcpy(dst + row.data, x + t * data_bytes, data_bytes);
     if (scales_bytes) std::memcpy(dst + row.scales, sc + t * scales_bytes, scales_bytes);
     std::memcpy(dst + row.src, &source, 4);
-    std::memcpy(dst + row.idx, idx + t * k, 8 * k);
-    if (weights_k) std::memcpy(dst + row.weights, w + t * k, 4 * k);
+    if (k) std::memcpy(dst + row.idx, idx + t * k, 8 * k);
+    if (weights_k) std::memcpy(dst + row.weights, w + t * weights_k, 4 * weights_k);
   };
   char* recv_x = static_cast<char*>(outputs[0].data_ptr());
   char* recv_scales = static_cast<char*>(outputs[1].data_ptr());
-  int64_t* recv_idx = outputs[2].data_ptr<int64_t>();
-  float* recv_weights = outputs[3].data_ptr<float>();
-  int32_t* counts = outputs[4].data_ptr<int32_t>();
-  int32_t* src_idx = outputs[8].data_ptr<int32_t>();
-  const int64_t num_local = outputs[4].numel(), first = rank * num_local;
+  float* recv_weights = outputs[cached ? 2 : 3].data_ptr<float>();
+  int64_t* recv_idx = cached ? nullptr : outputs[2].data_ptr<int64_t>();
+  int32_t* counts = cached ? nullptr : outputs[4].data_ptr<int32_t>();
+  int32_t* src_idx = cached ? nullptr : outputs[8].data_ptr<int32_t>();
+  const int64_t num_local = cached ? 0 : outputs[4].numel(), first = rank * num_local;
   std::vector<char> seen(num_local);
   auto take = [&](int64_t s, int64_t j, const char* src, int64_t count) {
     for (int64_t q = 0; q < count; ++q, src += row.bytes) {
       const int64_t r = recv_off[s] + j + q;
       std::memcpy(recv_x + r * data_bytes, src + row.data, data_bytes);
       if (scales_bytes) std::memcpy(recv_scales + r * scales_bytes, src + row.scales, scales_bytes);
+      if (cached) {
+        if (weights_k) std::memcpy(recv_weights + r * weights_k, src + row.weights, 4 * weights_k);
+        continue;
+      }
       std::memcpy(src_idx + r, src + row.src, 4);
       std::fill(seen.begin(), seen.end(), 0);
       for (int64_t i = 0; i < k; ++i) {
@@ -211,6 +220,7 @@ int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, co
   if (!ring_exchange(rings, geometry, mirror.data_ptr<int64_t>(), cursor, row.bytes, send_counts, recv_counts, rank,
                      budget_s, write, take))
     return 0;
+  if (cached) return 1;
   // Per-expert counts as the op returns them: aligned up, then prefix sums with MOE_EXPERT_TOKEN_NUMS_TYPE=0.
   const int64_t alignment = std::max<int64_t>(config[kExpertAlignment], 1);
   int64_t running = 0;
@@ -308,7 +318,6 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
 // Each rank sends every source back the rows it got from it (x[:valid], source-major) and, with topk_weights,
 // their weights, packed in one row; each source sums its tokens' rows in rank order after the biases, in fp32,
 // rounded once (compute.Kernels.combine_reduce), and the weights likewise into float32.
-enum CombineConfig { kCombineSettings, kCombineSmallBytes };
 constexpr int64_t kHandleRows = 4;
 
 // normal._fingerprint of a rank_prefix_matrix, in the same wrapping int64 arithmetic and Python's modulo.
@@ -414,7 +423,7 @@ std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
     at_.agree[2 * num_ranks] = 1;
   }
   if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return {0, {}};
-  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kCombineSettings])) return {2, {}};
+  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kNumSettings])) return {2, {}};
   const int64_t k = topk_weights ? topk_weights->size(1) : 0;
   const int64_t row_bytes = std::max<int64_t>(align8(x.size(1) * x.element_size()) + align8(4 * k), 8);
   int64_t most = 0;
@@ -424,7 +433,7 @@ std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
       total += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
     most = std::max(most, total);
   }
-  if (!all_offered(at_.headers, num_ranks, width) || most * row_bytes > config[kCombineSmallBytes]) return {3, {}};
+  if (!all_offered(at_.headers, num_ranks, width) || most * row_bytes > config[kSmallBytes]) return {3, {}};
   int64_t received = 0;
   for (int64_t s = 0; s < num_ranks; ++s) received += at_.matrix[s * num_ranks + rank];
   const int64_t num_tokens = is_token_in_rank.size(0);
@@ -436,6 +445,70 @@ std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
   return {moved ? 1 : 5, outputs};
 }
 
+
+// --- cached dispatch --------------------------------------------------------------------------------------
+// A dispatch along a handle: the same tokens to the same ranks, the rows of x (and scales) and the weights as
+// they are; the outputs have as many rows as the handle's recv_src_idx (zero padding past the received ones).
+std::tuple<int64_t, std::vector<at::Tensor>> cached_agree(
+    const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+    c10::IntArrayRef header_row, const at::Tensor& data, const std::optional<at::Tensor>& scales,
+    const std::optional<at::Tensor>& topk_weights, const at::Tensor& rank_prefix_matrix, int64_t num_recv,
+    const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank, const at::Tensor& scratch,
+    double budget_s) {
+  const int64_t num_ranks = rings.size(), width = header_row.size();
+  TORCH_CHECK(rank_prefix_matrix.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
+                  scratch.numel() >= scratch_words(num_ranks, width),
+              "deepep: expected contiguous tensors and scratch words");
+  const Scratch at_(scratch, num_ranks, width);
+  int64_t* mine = at_.headers + rank * width;
+  const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  if (!at_.agree[2 * num_ranks]) {  // first call: this rank's header
+    std::memcpy(mine, header_row.data(), width * 8);
+    mine[kSettings + 5] = fingerprint(pm, num_ranks * num_ranks);
+    const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
+    if (valid > num_recv) {
+      const int64_t status[4] = {kHandleRows, valid, num_recv, 0};
+      std::memcpy(mine + kStatus, status, sizeof(status));
+    }
+    for (int64_t s = 0; s < num_ranks; ++s) {
+      mine[kCounts + s] = 0;
+      mine[kCounts + num_ranks + s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
+    }
+    for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
+      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + d] += in_rank[t * num_ranks + d];
+    at_.agree[rank] = at_.agree[num_ranks + rank] = 1;
+    at_.agree[2 * num_ranks] = 1;
+  }
+  if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return {0, {}};
+  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kNumSettings])) return {2, {}};
+  const int64_t weights_k = topk_weights ? topk_weights->size(1) : 0;
+  const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, 0, weights_k);
+  int64_t most = 0;
+  for (int64_t d = 0; d < num_ranks; ++d) {
+    int64_t total = 0;
+    for (int64_t s = 0; s < num_ranks; ++s)
+      total += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
+    most = std::max(most, total);
+  }
+  if (!all_offered(at_.headers, num_ranks, width) || most * row.bytes > config[kSmallBytes]) return {3, {}};
+  auto shape = data.sizes().vec();
+  shape[0] = num_recv;
+  at::Tensor recv_scales;
+  if (scales) {
+    auto scales_shape = scales->sizes().vec();
+    scales_shape[0] = num_recv;
+    recv_scales = at::zeros(scales_shape, scales->options());
+  } else {
+    recv_scales = at::empty({num_recv, 0}, data.options().dtype(at::kFloat));
+  }
+  std::vector<at::Tensor> outputs{at::zeros(shape, data.options()), recv_scales,
+                                  at::zeros({num_recv, weights_k}, data.options().dtype(at::kFloat))};
+  const int64_t moved = rows(rings, geometry, mirror, data, scales, std::nullopt, topk_weights, is_token_in_rank,
+                             config, rank, outputs, scratch, budget_s);
+  return {moved ? 1 : 5, outputs};
+}
+
 }  // namespace
 }  // namespace deepep
 
@@ -444,4 +517,5 @@ TORCH_LIBRARY_IMPL(deepep, CPU, m) {
   m.impl("_shm_dispatch_rows", &deepep::rows);
   m.impl("_shm_combine_agree", &deepep::combine_agree);
   m.impl("_shm_combine_rows", &deepep::combine_rows);
+  m.impl("_shm_cached_agree", &deepep::cached_agree);
 }

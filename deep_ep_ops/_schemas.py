@@ -129,15 +129,19 @@ lib.define("_shm_slots_send(Tensor(a!)[] segments, int[] geometry, int seq, Tens
 lib.define("_shm_slots_recv(Tensor(a!)[] segments, int[] geometry, int seq, Tensor rows, Tensor? index, "
            "Tensor? patch, int patch_offset, Tensor? header, int[] send_caps, int[] counts, Tensor(b!) out, "
            "Tensor(c!) recv_counts, Tensor(d!)? recv_header, int[] recv_caps, int rank, float budget_s) -> int")
-# Normal dispatch and combine on shm (deep_ep_ops/transports/_shm_normal.py): the handshake, the outputs and the
-# rows, with a second call for rows the first one's budget did not cover. 1 done, 0 budget spent (call again), 2 a header
+# Normal dispatch, cached dispatch and combine on shm (deep_ep_ops/transports/_shm_normal.py): the handshake, the
+# outputs and the rows, with a second call (_shm_dispatch_rows: dispatch and cached dispatch) for rows the first
+# one's budget did not cover. 1 done, 0 budget spent (call again), 2 a header
 # disagrees, 3 the portable path moves the rows, 4 over the receive limit, 5 rows still to move.
 lib.define("_shm_dispatch_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor data, "
            "Tensor? scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, "
            "Tensor(c!) scratch, float budget_s) -> (int, Tensor[])")
 lib.define("_shm_dispatch_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor data, Tensor? scales, "
-           "Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, "
+           "Tensor? topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, "
            "Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int")
+lib.define("_shm_cached_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor data, "
+           "Tensor? scales, Tensor? topk_weights, Tensor rank_prefix_matrix, int num_recv, Tensor is_token_in_rank, "
+           "int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])")
 lib.define("_shm_combine_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor x, "
            "Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor rank_prefix_matrix, Tensor is_token_in_rank, "
            "int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])")

@@ -238,12 +238,27 @@ def cached_dispatch(x, x_scales, topk_weights, handle, group_name, num_ranks, co
 
     status, expect, fmt, meta = _handshake.run_checks(group_ctx, op, seq, CachedSettings, x.device, prepare)
     rank_prefix_matrix, _, _, recv_src_idx, is_token_in_rank, _ = handle
-    settings = CachedSettings(x.shape[1], dtype_code(x.dtype), _width(x_scales),
-                              dtype_code(None if x_scales is None else x_scales.dtype), _width(topk_weights),
-                              _fingerprint(rank_prefix_matrix))
+    settings = cached_settings(x, x_scales, topk_weights, rank_prefix_matrix)
     send_counts = is_token_in_rank.sum(0)
     matrix = _handshake.agree(group_ctx, op, seq, settings, status=status, send_counts=send_counts,
                               expect_counts=expect, device=x.device)
+    return cached_rows(group_ctx, seq, matrix, x, x_scales, topk_weights, handle, fmt, meta, comm_seq)
+
+
+def cached_settings(x, x_scales, topk_weights, rank_prefix_matrix, fingerprint: bool = True) -> CachedSettings:
+    """A cached dispatch's settings (the handle's fingerprint 0 without ``fingerprint``: the native path
+    computes it)."""
+    return CachedSettings(x.shape[1], dtype_code(x.dtype), _width(x_scales),
+                          dtype_code(None if x_scales is None else x_scales.dtype), _width(topk_weights),
+                          _fingerprint(rank_prefix_matrix) if fingerprint else 0)
+
+
+def cached_rows(group_ctx, seq, matrix, x, x_scales, topk_weights, handle, fmt=None, meta=None, comm_seq=None):
+    """A cached dispatch after its handshake: the rows through the backend's tokens level, then the outputs."""
+    op, rank = "cached_dispatch", group_ctx.rank
+    if fmt is None:
+        fmt, meta = _meta_rows(x.shape[0], x.device, scales=x_scales, topk_weights=topk_weights)
+    recv_src_idx, is_token_in_rank = handle[3], handle[4]
     recv, recv_meta = _exchange(group_ctx, op, seq, x, meta, Route(is_token_in_rank, matrix, rank))
     total = recv_src_idx.shape[0]
     recv_x_scales = (_padded(fmt.view(recv_meta, "scales"), total, 0) if x_scales is not None

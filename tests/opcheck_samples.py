@@ -173,9 +173,11 @@ def _whole_op_samples() -> dict[str, list[tuple]]:
     layout_range = torch.tensor([[2], [(2 << 32) | 3]])
     normal_header = _handshake.header_row("dispatch", 1, (2, 16, 0, -1, -1, 0, 2, 2, 0), [0], [-1])
     normal_header[_shm_normal.OFFER_WORD] = 1
-    config = [9, 2, 0, 1 << 20, 1, 1]
+    config = [9, 1 << 20, 2, 0, 1, 1]
     combine_header = _handshake.header_row("combine", 1, (16, 0, 2, 0), [0], [-1])
     combine_header[_shm_normal.OFFER_WORD] = 1
+    cached_header = _handshake.header_row("cached_dispatch", 1, (16, 0, -1, -1, 2, 0), [0], [-1])
+    cached_header[_shm_normal.OFFER_WORD] = 1
     scratch_words = 1 + 2 * 3 + width
     matrix_scratch = torch.zeros(scratch_words, dtype=torch.int64)
     matrix_scratch[0] = 3
@@ -196,6 +198,10 @@ def _whole_op_samples() -> dict[str, list[tuple]]:
                                          torch.zeros(scratch_words, dtype=torch.int64), 1.0)],
         "_shm_dispatch_rows.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), x, None, idx, w,
                                         torch.ones(3, 1, dtype=torch.bool), config, 0, outputs, matrix_scratch, 1.0)],
+        "_shm_cached_agree.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), cached_header, x, None,
+                                       w, torch.tensor([[3]], dtype=torch.int32), 3,
+                                       torch.ones(3, 1, dtype=torch.bool), [6, 1 << 20], 0,
+                                       torch.zeros(scratch_words, dtype=torch.int64), 1.0)],
         "_shm_combine_agree.default": [(rings, ring_geometry, torch.zeros(2, dtype=torch.int64), combine_header, x,
                                         w, None, None, torch.tensor([[3]], dtype=torch.int32),
                                         torch.ones(3, 1, dtype=torch.bool), [4, 1 << 20], 0,

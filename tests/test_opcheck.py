@@ -18,7 +18,7 @@ UTILS_FOR = {"low_latency_dispatch_send.default": UTILS[:3], "low_latency_combin
 SHM_OPS = ("_shm_ring_copy.default", "_shm_ring_combine.default", "_shm_slots_send.default",
            "_shm_slots_recv.default", "_shm_ll_dispatch.default", "_shm_ll_combine.default",
            "_shm_dispatch_agree.default", "_shm_dispatch_rows.default", "_shm_combine_agree.default",
-           "_shm_combine_rows.default")
+           "_shm_combine_rows.default", "_shm_cached_agree.default")
 UTILS_FOR.update({name: ("test_schema",) for name in SHM_OPS})
 
 
@@ -65,10 +65,11 @@ deepep::_permute_rows(Tensor(a!) out, Tensor out_index, Tensor rows, Tensor row_
 deepep::_quantize_fp8(Tensor x, bool round_scale, bool use_ue8m0) -> (Tensor q, Tensor scales)
 deepep::_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)
 deepep::_scatter_rows(Tensor(a!) out, Tensor index, Tensor rows) -> ()
+deepep::_shm_cached_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor data, Tensor? scales, Tensor? topk_weights, Tensor rank_prefix_matrix, int num_recv, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])
 deepep::_shm_combine_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor rank_prefix_matrix, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])
 deepep::_shm_combine_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int
 deepep::_shm_dispatch_agree(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, int[] header, Tensor data, Tensor? scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!) scratch, float budget_s) -> (int, Tensor[])
-deepep::_shm_dispatch_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor data, Tensor? scales, Tensor topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int
+deepep::_shm_dispatch_rows(Tensor(a!)[] rings, int[] geometry, Tensor(b!) mirror, Tensor data, Tensor? scales, Tensor? topk_idx, Tensor? topk_weights, Tensor is_token_in_rank, int[] config, int rank, Tensor(c!)[] outputs, Tensor(d!) scratch, float budget_s) -> int
 deepep::_shm_ll_combine(Tensor(a!)[] segments, int[] geometry, int seq, int[] header, Tensor x, Tensor layout_range, Tensor topk_idx, Tensor topk_weights, int m, int num_experts, int num_shared, int rank, Tensor(b!) out, Tensor(c!) recv_header, Tensor(d!) state, float budget_s) -> int
 deepep::_shm_ll_dispatch(Tensor(a!)[] segments, int[] geometry, int seq, int[] header, Tensor data, Tensor? scales, Tensor topk_idx, int[] format, int m, int num_experts, int num_shared, int rank, int expert_token_nums_type, Tensor(b!) packed, Tensor(c!) packed_scales, Tensor(d!) count, Tensor(e!) src_info, Tensor(f!) layout_range, Tensor(g!) recv_header, Tensor(h!) state, float budget_s) -> int
 deepep::_shm_ring_combine(Tensor(a!)[] segments, int[] geometry, Tensor(b!) mirror, Tensor(c!) cursor, Tensor rows, int[] send_counts, int[] recv_counts, Tensor token_in_rank, Tensor? bias_0, Tensor? bias_1, Tensor(d!) out, int rank, float budget_s) -> int

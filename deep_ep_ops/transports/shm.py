@@ -207,10 +207,12 @@ class ShmTransport(Transport):
         return segments
 
     def override(self, op: str):
-        """Normal dispatch and combine (``_shm_normal``) and the low-latency ops (``_shm_low_latency``) in native
-        calls."""
+        """Normal dispatch, cached dispatch and combine (``_shm_normal``) and the low-latency ops
+        (``_shm_low_latency``) in native calls."""
         if op == "dispatch":
             return self._normal.dispatch
+        if op == "dispatch.cached":
+            return self._normal.cached_dispatch
         if op == "combine":
             return self._normal.combine
         if op == "low_latency_dispatch":
