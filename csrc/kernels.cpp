@@ -112,6 +112,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ll_plan(const at::Ten
   return {slot, counts, source, meta};
 }
 
+// deepep::get_dispatch_layout's local work (layout.get_dispatch_layout): which ranks and nodes each token goes
+// to, and the selections per expert (ids outside [0, E) count nowhere; the op rejects them before).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_layout(const at::Tensor& topk_idx_t,
+                                                                           int64_t num_experts, int64_t num_ranks,
+                                                                           int64_t num_ranks_per_node) {
+  const auto topk_idx = topk_idx_t.contiguous();
+  const int64_t n = topk_idx.size(0), k = topk_idx.size(1), local = num_experts / num_ranks;
+  const int64_t num_nodes = num_ranks / num_ranks_per_node;
+  const auto i32 = topk_idx.options().dtype(at::kInt);
+  at::Tensor per_rank = at::zeros({num_ranks}, i32), per_node = at::zeros({num_nodes}, i32);
+  at::Tensor per_expert = at::zeros({num_experts}, i32);
+  at::Tensor in_rank = at::zeros({n, num_ranks}, topk_idx.options().dtype(at::kBool));
+  const int64_t* idx = topk_idx.data_ptr<int64_t>();
+  int32_t *pr = per_rank.data_ptr<int32_t>(), *pn = per_node.data_ptr<int32_t>(), *pe = per_expert.data_ptr<int32_t>();
+  bool* hit = in_rank.data_ptr<bool>();
+  std::vector<char> node_hit(num_nodes);
+  for (int64_t t = 0; t < n; ++t) {
+    bool* row = hit + t * num_ranks;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = idx[t * k + j];
+      if (e < 0 || e >= num_experts) continue;
+      ++pe[e];
+      row[e / local] = true;
+    }
+    std::fill(node_hit.begin(), node_hit.end(), 0);
+    for (int64_t r = 0; r < num_ranks; ++r)
+      if (row[r]) {
+        ++pr[r];
+        node_hit[r / num_ranks_per_node] = 1;
+      }
+    for (int64_t node = 0; node < num_nodes; ++node) pn[node] += node_hit[node];
+  }
+  return {per_rank, per_node, per_expert, in_rank};
+}
+
 // The expert side of a combine: each source's rows, in the order it sent them, as flat packed positions.
 at::Tensor ll_combine_rows(const at::Tensor& layout_range_t, int64_t cap, int64_t rows_per_expert) {
   const auto layout_range = layout_range_t.contiguous();
@@ -542,6 +577,7 @@ TORCH_LIBRARY_IMPL(deepep, CPU, m) {
   m.impl("_scatter_rows", &deepep::scatter_rows);
   m.impl("_permute_rows", &deepep::permute_rows);
   m.impl("_ll_plan", &deepep::ll_plan);
+  m.impl("_dispatch_layout", &deepep::dispatch_layout);
   m.impl("_ll_sort", &deepep::ll_sort);
   m.impl("_ll_combine_rows", &deepep::ll_combine_rows);
   m.impl("_combine_reduce", &deepep::combine_reduce);

@@ -111,6 +111,9 @@ lib.define("_weighted_reduce(Tensor rows, Tensor slot, Tensor weights) -> Tensor
 lib.define("_ll_plan(Tensor topk_idx, int num_experts, int num_ranks, int rank, int m, int num_shared) -> "
            "(Tensor slot, Tensor counts, Tensor source, Tensor meta)")
 lib.define("_ll_combine_rows(Tensor layout_range, int cap, int rows_per_expert) -> Tensor")
+lib.define("_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, int num_ranks_per_node) -> "
+           "(Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor num_tokens_per_expert, "
+           "Tensor is_token_in_rank)")
 lib.define("_ll_sort(Tensor meta, Tensor recv_counts, int cap, int num_local_experts, int rows_per_expert) -> "
            "(Tensor order, Tensor dest, Tensor counts)")
 lib.define("_quantize_int8(Tensor x, float eps) -> (Tensor q, Tensor scale)")

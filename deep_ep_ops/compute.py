@@ -67,6 +67,13 @@ class Kernels:
         plan = _ll_plan.send_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared)
         return (plan.slot, plan.counts, *_ll_plan.send_source(plan, topk_idx.shape[0]))
 
+    def dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_ranks_per_node: int):
+        """``get_dispatch_layout``'s local work: ``(num_tokens_per_rank [R], num_tokens_per_rdma_rank [nodes],
+        num_tokens_per_expert [E] int32, is_token_in_rank bool [N, R])`` (see ``layout.get_dispatch_layout``)."""
+        from . import layout
+
+        return layout.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+
     def ll_combine_rows(self, layout_range: torch.Tensor, cap: int, rows_per_expert: int) -> torch.Tensor:
         """The expert side of a low-latency combine: for each source ``s``, the flat ``[L, rows_per_expert]``
         positions of its rows in the order it sent them (local expert, then token), padded with 0 to ``cap``
@@ -222,6 +229,9 @@ class NativeKernels(Kernels):
     def ll_combine_rows(self, layout_range, cap, rows_per_expert):
         return torch.ops.deepep._ll_combine_rows(layout_range, cap, rows_per_expert)
 
+    def dispatch_layout(self, topk_idx, num_experts, num_ranks, num_ranks_per_node):
+        return tuple(torch.ops.deepep._dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node))
+
     def quantize_int8(self, x, eps):
         return tuple(torch.ops.deepep._quantize_int8(x, eps))
 
@@ -287,7 +297,7 @@ def _register() -> None:
     from ._schemas import lib
 
     for name in ("gather_rows", "scatter_rows", "permute_rows", "combine_reduce", "weighted_reduce",
-                 "quantize_int8", "quantize_fp8", "ll_plan", "ll_sort", "ll_combine_rows"):
+                 "quantize_int8", "quantize_fp8", "ll_plan", "ll_sort", "ll_combine_rows", "dispatch_layout"):
         lib.impl(f"_{name}", getattr(PYTHON, name), "CompositeExplicitAutograd")
 
 

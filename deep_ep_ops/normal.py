@@ -114,7 +114,7 @@ def get_dispatch_layout(topk_idx, num_experts, group_name, num_ranks, num_ranks_
     status = _handshake.expert_id_status(topk_idx, num_experts)
     if status is not None:
         raise RuntimeError(_handshake.expert_out_of_range(op, num_experts, *status[1:]))
-    return layout.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
+    return group_ctx.kernels.dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node)
 
 
 def dispatch(x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_experts, group_name,

@@ -46,6 +46,15 @@ def _permute_rows(out, out_index, rows, row_index):
     return None
 
 
+@torch.library.register_fake("deepep::_dispatch_layout", lib=lib)
+def _dispatch_layout(topk_idx, num_experts, num_ranks, num_ranks_per_node):
+    i32 = torch.int32
+    return (topk_idx.new_empty((num_ranks,), dtype=i32), topk_idx.new_empty((num_ranks // num_ranks_per_node,),
+                                                                            dtype=i32),
+            topk_idx.new_empty((num_experts,), dtype=i32), topk_idx.new_empty((topk_idx.shape[0], num_ranks),
+                                                                              dtype=torch.bool))
+
+
 @torch.library.register_fake("deepep::_ll_plan", lib=lib)
 def _ll_plan(topk_idx, num_experts, num_ranks, rank, m, num_shared):
     total = sum(layout.chunk_caps(num_ranks, m, topk_idx.shape[1], num_experts, num_shared))

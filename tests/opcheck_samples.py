@@ -123,6 +123,8 @@ def _compute_samples() -> dict[str, list[tuple]]:
         "_ll_sort.default": [(torch.tensor([[1, 0], [0, 1], [-1, -1], [0, 0], [1, 2], [0, 0]], dtype=torch.int32),
                               torch.tensor([2, 1, 0]), 2, 2, 6)],
         "_ll_combine_rows.default": [(torch.tensor([[2, (2 << 32) | 1], [1, 0]]), 4, 6)],
+        "_dispatch_layout.default": [(torch.tensor([[0, 5], [3, 3], [-1, 7]]), 8, 2, 1),
+                                     (torch.tensor([[0, 5], [3, -1]]), 8, 4, 2)],
         "_quantize_int8.default": [(rows, 0.0), (rows.float(), 1e-12)],
         "_quantize_fp8.default": [(rows, False, False), (torch.randn(2, 512, generator=g), True, True)],
         **_shm_samples(),

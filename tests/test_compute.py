@@ -85,3 +85,13 @@ def test_quantize_fp8(g, dtype, round_scale, use_ue8m0):
     x[2] = 0  # amax floored at 1e-4
     x[4, :128] = 448.0 * 2.0 ** -3  # amax / 448 an exact power of two
     _same(NATIVE.quantize_fp8(x, round_scale, use_ue8m0), PY.quantize_fp8(x, round_scale, use_ue8m0))
+
+
+@pytest.mark.parametrize("num_ranks, per_node", [(1, 1), (4, 2), (8, 8), (8, 1)])
+def test_dispatch_layout(g, num_ranks, per_node):
+    for n, k, e in ((0, 4, 32), (33, 8, 64), (7, 1, 8)):
+        idx = torch.rand(n, e, generator=g).topk(k, dim=1).indices
+        idx[torch.rand(n, k, generator=g) < 0.2] = -1
+        if n:
+            idx[0, -1] = idx[0, 0]  # a duplicate id counts once per rank, twice per expert
+        _same(NATIVE.dispatch_layout(idx, e, num_ranks, per_node), PY.dispatch_layout(idx, e, num_ranks, per_node))

@@ -57,6 +57,7 @@ class TestSchemas(expecttest.TestCase):
         text = "\n".join(str(overload(name)._schema) for name in all_overloads())
         self.assertExpectedInline(text, """\
 deepep::_combine_reduce(Tensor rows, Tensor token, int num_tokens, Tensor? bias_0, Tensor? bias_1, ScalarType out_dtype) -> Tensor
+deepep::_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, int num_ranks_per_node) -> (Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor num_tokens_per_expert, Tensor is_token_in_rank)
 deepep::_gather_rows(Tensor rows, Tensor index) -> Tensor
 deepep::_ll_combine_rows(Tensor layout_range, int cap, int rows_per_expert) -> Tensor
 deepep::_ll_plan(Tensor topk_idx, int num_experts, int num_ranks, int rank, int m, int num_shared) -> (Tensor slot, Tensor counts, Tensor source, Tensor meta)
