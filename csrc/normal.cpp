@@ -1,14 +1,16 @@
-// Normal-mode dispatch on the shm backend in two native calls (deep_ep_ops/transports/_shm_normal.py calls
-// them; deep_ep_ops/normal.py is the specification and the tests hold both to the same reference).
+// Normal-mode dispatch, cached dispatch and combine on the shm backend as native calls
+// (deep_ep_ops/transports/_shm_normal.py calls them; deep_ep_ops/normal.py is the specification and the tests
+// hold both to the same reference).
 //
-// _shm_dispatch_agree: the handshake through the rings (the same header rows _handshake.agree sends, so a rank
-// on the portable path and one here agree with each other), checked here, then the [R, R] traffic matrix. When
-// every rank offered the ring protocol (a spare settings word of the header) and every rank receives little,
-// it allocates the outputs and moves the rows through the rings, one packed row per (token, rank): 1 when done,
-// 5 when the budget ran out while rows move (_shm_dispatch_rows goes on). Otherwise it returns 3 and the
-// portable path moves the rows (direct writes into the receivers' outputs, one copy, the better way for large
-// batches). 2: a header disagrees (the caller raises from the headers in scratch); 4: a rank would receive more
-// than its limit; 0: the budget ran out during the handshake (call again).
+// Each *_agree call runs the op's handshake through the rings (the same header rows _handshake.agree sends, so a
+// rank on the portable path and one here agree with each other), checks it here and reads the [R, R] traffic
+// matrix. When every rank offered the ring protocol (a spare settings word of the header) and every rank
+// receives little, it allocates the outputs and moves the rows through the rings, one packed row per (token,
+// rank): 1 when done, 5 when the budget ran out while rows move (_shm_dispatch_rows / _shm_combine_rows go on).
+// Otherwise it returns 3 and the portable path moves the rows after this handshake (dispatch: direct writes
+// into the receivers' outputs, one copy, the better way for large batches). 2: a header disagrees (the caller
+// raises from the headers in scratch); 4: a rank would receive more than its limit; 0: the budget ran out
+// during the handshake (call again).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -45,13 +47,17 @@ struct Row {
         weights(idx + 8 * k), bytes(std::max<int64_t>(weights + align8(4 * weights_k), 8)) {}
 };
 
-// Bytes of one row of a [n, ...] tensor (from its shape: the same on a rank with no tokens).
-// One int64 scratch tensor per dispatch (zeros): the matrix, the two cursors, then every rank's header.
-inline int64_t scratch_words(int64_t num_ranks, int64_t width) { return num_ranks * num_ranks + 2 * (2 * num_ranks + 1) + num_ranks * width; }
+// One int64 scratch tensor per op (zeros): the matrix, the handshake's cursor, the rows' cursor, then every
+// rank's header.
+inline int64_t scratch_words(int64_t num_ranks, int64_t width) {
+  return num_ranks * num_ranks + 2 * (2 * num_ranks + 1) + num_ranks * width;
+}
 
 struct Scratch {
   int64_t *matrix, *agree, *rows, *headers;
-  Scratch(const at::Tensor& t, int64_t num_ranks, int64_t /*width*/) {
+  Scratch(const at::Tensor& t, int64_t num_ranks, int64_t width = 0) {
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kLong && t.numel() >= scratch_words(num_ranks, width),
+                "deepep: expected int64 scratch of ", scratch_words(num_ranks, width), " words");
     matrix = t.data_ptr<int64_t>();
     agree = matrix + num_ranks * num_ranks;
     rows = agree + 2 * num_ranks + 1;
@@ -59,10 +65,20 @@ struct Scratch {
   }
 };
 
+// Bytes of one row of a [n, ...] tensor (from its shape: the same on a rank with no tokens).
 int64_t row_bytes_of(const at::Tensor& t) {
   int64_t bytes = t.element_size();
   for (int64_t d = 1; d < t.dim(); ++d) bytes *= t.size(d);
   return bytes;
+}
+
+// ``like``'s shape with ``rows`` rows, zeros (the received rows go in, padding stays 0); without ``like``,
+// float32 [rows, 0].
+at::Tensor zero_rows(const std::optional<at::Tensor>& like, int64_t rows, const at::TensorOptions& options) {
+  if (!like) return at::empty({rows, 0}, options.dtype(at::kFloat));
+  auto shape = like->sizes().vec();
+  shape[0] = rows;
+  return at::zeros(shape, like->options());
 }
 
 // This rank's status: the first expert id outside [-1, E), else the first entry of is_token_in_rank that
@@ -128,6 +144,40 @@ bool all_offered(const int64_t* headers, int64_t num_ranks, int64_t width) {
   return true;
 }
 
+// The handshake of one call: this rank's header (``fill`` completes it on the first call), exchanged and checked.
+// 1: every rank agrees; 0: the budget ran out (call again); 2: a header disagrees.
+template <typename Fill>
+int64_t handshake(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
+                  const Scratch& at_, c10::IntArrayRef header_row, int64_t rank, int64_t num_settings,
+                  double budget_s, Fill fill) {
+  const int64_t num_ranks = rings.size(), width = header_row.size();
+  int64_t* mine = at_.headers + rank * width;
+  if (!at_.agree[2 * num_ranks]) {
+    std::memcpy(mine, header_row.data(), width * 8);
+    fill(mine);
+    at_.agree[rank] = at_.agree[num_ranks + rank] = 1;
+    at_.agree[2 * num_ranks] = 1;
+  }
+  if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return 0;
+  return headers_agree(at_.headers, num_ranks, width, rank, num_settings) ? 1 : 2;
+}
+
+// The [R, R] matrix (``[s, d]``: rows s sends d) from the headers' send counts; returns the rows each rank gets.
+std::vector<int64_t> read_matrix(const Scratch& at_, int64_t num_ranks, int64_t width) {
+  std::vector<int64_t> received(num_ranks, 0);
+  for (int64_t s = 0; s < num_ranks; ++s)
+    for (int64_t d = 0; d < num_ranks; ++d)
+      received[d] += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
+  return received;
+}
+
+// Whether the rows take the rings: every rank offered it and none receives more than ``small_bytes``.
+bool rows_in_rings(const Scratch& at_, const std::vector<int64_t>& received, int64_t width, int64_t row_bytes,
+                   int64_t small_bytes) {
+  const int64_t most = *std::max_element(received.begin(), received.end());
+  return all_offered(at_.headers, received.size(), width) && most * row_bytes <= small_bytes;
+}
+
 // The rows through the rings into the outputs of agree (its cursor: [0, 2R) of ring_exchange, [2R] own rows done).
 // Without topk_idx it is a cached dispatch's: rows of x, scales and weights only (outputs: recv_x, recv_x_scales,
 // recv_topk_weights), the weights as they are.
@@ -144,7 +194,7 @@ int64_t rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, co
   const int64_t data_bytes = row_bytes_of(data), scales_bytes = scales ? row_bytes_of(*scales) : 0;
   const int64_t weights_k = topk_weights ? topk_weights->size(1) : 0;
   const Row row(data_bytes, scales_bytes, k, weights_k);
-  const Scratch at_(scratch, num_ranks, 0);
+  const Scratch at_(scratch, num_ranks);
   const int64_t* matrix = at_.matrix;
   std::vector<int64_t> send_counts(num_ranks), recv_counts(num_ranks);
   for (int64_t r = 0; r < num_ranks; ++r) {
@@ -238,55 +288,29 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
     const at::Tensor& topk_idx, const std::optional<at::Tensor>& topk_weights, const at::Tensor& is_token_in_rank,
     c10::IntArrayRef config, int64_t rank, const at::Tensor& scratch, double budget_s) {
   const int64_t num_ranks = rings.size(), width = header_row.size(), n = data.size(0), k = topk_idx.size(1);
-  TORCH_CHECK(topk_idx.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
-                  scratch.numel() >= scratch_words(num_ranks, width),
-              "deepep: expected contiguous tensors and scratch words");
+  TORCH_CHECK(topk_idx.is_contiguous() && is_token_in_rank.is_contiguous(), "deepep: expected contiguous tensors");
   const Scratch at_(scratch, num_ranks, width);
-  int64_t* headers = at_.headers;
-  int64_t* mine = headers + rank * width;
-  int64_t* cursor = at_.agree;
   const bool* in_rank = is_token_in_rank.data_ptr<bool>();
-  if (!cursor[2 * num_ranks]) {  // first call: this rank's header, then its own row is in place
-    std::memcpy(mine, header_row.data(), width * 8);
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + d] += in_rank[t * num_ranks + d];
-    set_status(mine, topk_idx.data_ptr<int64_t>(), in_rank, n, k, num_ranks, config[kNumExperts]);
-    cursor[rank] = cursor[num_ranks + rank] = 1;
-    cursor[2 * num_ranks] = 1;
-  }
-  if (!exchange_headers(rings, geometry, mirror, headers, width, rank, cursor, budget_s)) return {0, {}};
-  const bool agreed = headers_agree(headers, num_ranks, width, rank, config[kNumSettings]);
-  const bool offered = all_offered(headers, num_ranks, width);
-  if (!agreed) return {2, {}};
-  int64_t* matrix = at_.matrix;
-  int64_t most = 0;
-  for (int64_t s = 0; s < num_ranks; ++s)
-    for (int64_t d = 0; d < num_ranks; ++d) matrix[s * num_ranks + d] = headers[s * width + kCounts + d];
+  const int64_t agreed = handshake(rings, geometry, mirror, at_, header_row, rank, config[kNumSettings], budget_s,
+                                   [&](int64_t* mine) {
+                                     for (int64_t t = 0; t < n; ++t)
+                                       for (int64_t d = 0; d < num_ranks; ++d)
+                                         mine[kCounts + d] += in_rank[t * num_ranks + d];
+                                     set_status(mine, topk_idx.data_ptr<int64_t>(), in_rank, n, k, num_ranks,
+                                                config[kNumExperts]);
+                                   });
+  if (agreed != 1) return {agreed, {}};
+  const auto received_by = read_matrix(at_, num_ranks, width);
   const int64_t limit = config[kNumWorst] > 0 ? config[kNumWorst] : INT32_MAX;
-  for (int64_t d = 0; d < num_ranks; ++d) {
-    int64_t total = 0;
-    for (int64_t s = 0; s < num_ranks; ++s) total += matrix[s * num_ranks + d];
+  for (int64_t total : received_by)
     if (total > limit) return {4, {}};
-    most = std::max(most, total);
-  }
   const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, k, topk_weights ? k : 0);
-  if (!offered || most * row.bytes > config[kSmallBytes]) return {3, {}};
+  if (!rows_in_rings(at_, received_by, width, row.bytes, config[kSmallBytes])) return {3, {}};
 
   // The outputs, as normal.dispatch returns them (padding rows past the received ones, for num_worst_tokens).
-  int64_t received = 0;
-  for (int64_t s = 0; s < num_ranks; ++s) received += matrix[s * num_ranks + rank];
-  const int64_t total = std::max(received, config[kNumWorst]), num_local = config[kNumExperts] / num_ranks;
-  auto shape = data.sizes().vec();
-  shape[0] = total;
-  at::Tensor recv_x = at::zeros(shape, data.options());
-  at::Tensor recv_scales;
-  if (scales) {
-    auto scales_shape = scales->sizes().vec();
-    scales_shape[0] = total;
-    recv_scales = at::zeros(scales_shape, scales->options());
-  } else {
-    recv_scales = at::empty({total, 0}, data.options().dtype(at::kFloat));
-  }
+  const int64_t* matrix = at_.matrix;
+  const int64_t total = std::max(received_by[rank], config[kNumWorst]), num_local = config[kNumExperts] / num_ranks;
+  at::Tensor recv_x = zero_rows(data, total, data.options()), recv_scales = zero_rows(scales, total, data.options());
   auto i32 = topk_idx.options().dtype(at::kInt);
   at::Tensor recv_idx = at::full({total, k}, -1, topk_idx.options());
   at::Tensor recv_weights = at::zeros({total, topk_weights ? k : 0}, topk_idx.options().dtype(at::kFloat));
@@ -329,6 +353,33 @@ int64_t fingerprint(const int32_t* matrix, int64_t numel) {
   return ((value % m) + m) % m;
 }
 
+// The header of an op along a handle (cached dispatch, combine): the handle's fingerprint in settings word
+// ``fingerprint_word``, the status of a handle that claims more received rows than ``rows_there``, and the rows
+// sent to and expected from each rank. ``back`` (combine) sends each source what came from it and expects the
+// rows of its own tokens; a cached dispatch does the opposite.
+void handle_header(int64_t* mine, const at::Tensor& rank_prefix_matrix, const at::Tensor& is_token_in_rank,
+                   int64_t rank, int64_t rows_there, int64_t fingerprint_word, bool back) {
+  TORCH_CHECK(rank_prefix_matrix.is_contiguous() && is_token_in_rank.is_contiguous(),
+              "deepep: expected a contiguous handle");
+  const int64_t num_ranks = rank_prefix_matrix.size(0);
+  const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  mine[kSettings + fingerprint_word] = fingerprint(pm, num_ranks * num_ranks);
+  const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
+  if (valid > rows_there) {
+    const int64_t status[4] = {kHandleRows, valid, rows_there, 0};
+    std::memcpy(mine + kStatus, status, sizeof(status));
+  }
+  int64_t* from_sources = mine + kCounts + (back ? 0 : num_ranks);
+  int64_t* own_tokens = mine + kCounts + (back ? num_ranks : 0);
+  for (int64_t s = 0; s < num_ranks; ++s) {
+    from_sources[s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
+    own_tokens[s] = 0;
+  }
+  for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
+    for (int64_t d = 0; d < num_ranks; ++d) own_tokens[d] += in_rank[t * num_ranks + d];
+}
+
 int64_t combine_rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,
                      const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
                      const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
@@ -338,7 +389,7 @@ int64_t combine_rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geom
   TORCH_CHECK(x.is_contiguous() && (!topk_weights || topk_weights->is_contiguous()), "deepep: expected contiguous");
   const int64_t x_bytes = hidden * x.element_size(), weights_offset = align8(x_bytes);
   const int64_t row_bytes = std::max<int64_t>(weights_offset + align8(4 * k), 8);
-  const Scratch at_(scratch, num_ranks, 0);
+  const Scratch at_(scratch, num_ranks);
   std::vector<int64_t> send_counts(num_ranks), recv_counts(num_ranks);
   for (int64_t r = 0; r < num_ranks; ++r) {
     send_counts[r] = at_.matrix[rank * num_ranks + r];
@@ -398,44 +449,18 @@ std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
     const at::Tensor& rank_prefix_matrix, const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank,
     const at::Tensor& scratch, double budget_s) {
   const int64_t num_ranks = rings.size(), width = header_row.size();
-  TORCH_CHECK(rank_prefix_matrix.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
-                  scratch.numel() >= scratch_words(num_ranks, width),
-              "deepep: expected contiguous tensors and scratch words");
   const Scratch at_(scratch, num_ranks, width);
-  int64_t* mine = at_.headers + rank * width;
-  const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
-  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
-  if (!at_.agree[2 * num_ranks]) {  // first call: this rank's header
-    std::memcpy(mine, header_row.data(), width * 8);
-    mine[kSettings + 3] = fingerprint(pm, num_ranks * num_ranks);
-    const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
-    if (valid > x.size(0)) {
-      const int64_t status[4] = {kHandleRows, valid, x.size(0), 0};
-      std::memcpy(mine + kStatus, status, sizeof(status));
-    }
-    for (int64_t s = 0; s < num_ranks; ++s) {
-      mine[kCounts + s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
-      mine[kCounts + num_ranks + s] = 0;
-    }
-    for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
-      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + num_ranks + d] += in_rank[t * num_ranks + d];
-    at_.agree[rank] = at_.agree[num_ranks + rank] = 1;
-    at_.agree[2 * num_ranks] = 1;
-  }
-  if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return {0, {}};
-  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kNumSettings])) return {2, {}};
+  const int64_t agreed = handshake(rings, geometry, mirror, at_, header_row, rank, config[kNumSettings], budget_s,
+                                   [&](int64_t* mine) {
+                                     handle_header(mine, rank_prefix_matrix, is_token_in_rank, rank, x.size(0), 3,
+                                                   true);
+                                   });
+  if (agreed != 1) return {agreed, {}};
   const int64_t k = topk_weights ? topk_weights->size(1) : 0;
   const int64_t row_bytes = std::max<int64_t>(align8(x.size(1) * x.element_size()) + align8(4 * k), 8);
-  int64_t most = 0;
-  for (int64_t d = 0; d < num_ranks; ++d) {
-    int64_t total = 0;
-    for (int64_t s = 0; s < num_ranks; ++s)
-      total += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
-    most = std::max(most, total);
-  }
-  if (!all_offered(at_.headers, num_ranks, width) || most * row_bytes > config[kSmallBytes]) return {3, {}};
-  int64_t received = 0;
-  for (int64_t s = 0; s < num_ranks; ++s) received += at_.matrix[s * num_ranks + rank];
+  const auto received_by = read_matrix(at_, num_ranks, width);
+  if (!rows_in_rings(at_, received_by, width, row_bytes, config[kSmallBytes])) return {3, {}};
+  const int64_t received = received_by[rank];
   const int64_t num_tokens = is_token_in_rank.size(0);
   std::vector<at::Tensor> outputs{at::empty({num_tokens, x.size(1)}, x.options()),
                                   at::empty({num_tokens, k}, x.options().dtype(at::kFloat)),
@@ -456,53 +481,17 @@ std::tuple<int64_t, std::vector<at::Tensor>> cached_agree(
     const at::Tensor& is_token_in_rank, c10::IntArrayRef config, int64_t rank, const at::Tensor& scratch,
     double budget_s) {
   const int64_t num_ranks = rings.size(), width = header_row.size();
-  TORCH_CHECK(rank_prefix_matrix.is_contiguous() && is_token_in_rank.is_contiguous() && scratch.is_contiguous() &&
-                  scratch.numel() >= scratch_words(num_ranks, width),
-              "deepep: expected contiguous tensors and scratch words");
   const Scratch at_(scratch, num_ranks, width);
-  int64_t* mine = at_.headers + rank * width;
-  const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
-  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
-  if (!at_.agree[2 * num_ranks]) {  // first call: this rank's header
-    std::memcpy(mine, header_row.data(), width * 8);
-    mine[kSettings + 5] = fingerprint(pm, num_ranks * num_ranks);
-    const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
-    if (valid > num_recv) {
-      const int64_t status[4] = {kHandleRows, valid, num_recv, 0};
-      std::memcpy(mine + kStatus, status, sizeof(status));
-    }
-    for (int64_t s = 0; s < num_ranks; ++s) {
-      mine[kCounts + s] = 0;
-      mine[kCounts + num_ranks + s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
-    }
-    for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
-      for (int64_t d = 0; d < num_ranks; ++d) mine[kCounts + d] += in_rank[t * num_ranks + d];
-    at_.agree[rank] = at_.agree[num_ranks + rank] = 1;
-    at_.agree[2 * num_ranks] = 1;
-  }
-  if (!exchange_headers(rings, geometry, mirror, at_.headers, width, rank, at_.agree, budget_s)) return {0, {}};
-  if (!headers_agree(at_.headers, num_ranks, width, rank, config[kNumSettings])) return {2, {}};
+  const int64_t agreed = handshake(rings, geometry, mirror, at_, header_row, rank, config[kNumSettings], budget_s,
+                                   [&](int64_t* mine) {
+                                     handle_header(mine, rank_prefix_matrix, is_token_in_rank, rank, num_recv, 5,
+                                                   false);
+                                   });
+  if (agreed != 1) return {agreed, {}};
   const int64_t weights_k = topk_weights ? topk_weights->size(1) : 0;
   const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, 0, weights_k);
-  int64_t most = 0;
-  for (int64_t d = 0; d < num_ranks; ++d) {
-    int64_t total = 0;
-    for (int64_t s = 0; s < num_ranks; ++s)
-      total += at_.matrix[s * num_ranks + d] = at_.headers[s * width + kCounts + d];
-    most = std::max(most, total);
-  }
-  if (!all_offered(at_.headers, num_ranks, width) || most * row.bytes > config[kSmallBytes]) return {3, {}};
-  auto shape = data.sizes().vec();
-  shape[0] = num_recv;
-  at::Tensor recv_scales;
-  if (scales) {
-    auto scales_shape = scales->sizes().vec();
-    scales_shape[0] = num_recv;
-    recv_scales = at::zeros(scales_shape, scales->options());
-  } else {
-    recv_scales = at::empty({num_recv, 0}, data.options().dtype(at::kFloat));
-  }
-  std::vector<at::Tensor> outputs{at::zeros(shape, data.options()), recv_scales,
+  if (!rows_in_rings(at_, read_matrix(at_, num_ranks, width), width, row.bytes, config[kSmallBytes])) return {3, {}};
+  std::vector<at::Tensor> outputs{zero_rows(data, num_recv, data.options()), zero_rows(scales, num_recv, data.options()),
                                   at::zeros({num_recv, weights_k}, data.options().dtype(at::kFloat))};
   const int64_t moved = rows(rings, geometry, mirror, data, scales, std::nullopt, topk_weights, is_token_in_rank,
                              config, rank, outputs, scratch, budget_s);
