@@ -338,7 +338,10 @@ def drain(group_name: str) -> int:
     states = list(ctx.pending.values())
     ctx.pending.clear()
     for state in states:
-        received(ctx, state, "clean_low_latency_buffer")
+        if hasattr(state, "drain"):  # a backend's own exchange (transports/_shm_low_latency)
+            state.drain(ctx)
+        else:
+            received(ctx, state, "clean_low_latency_buffer")
     return len(states)
 
 

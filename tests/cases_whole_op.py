@@ -144,3 +144,49 @@ def low_latency_paths(rank: int, world: int) -> dict[str, str]:
         return out
     finally:
         buf.destroy()
+
+
+def low_latency_overlap(rank: int, world: int) -> int:
+    """Two micro-batches in flight on the native path (DeepEP's overlap with receive hooks): send A, send B,
+    receive A, receive B, for dispatch and combine, exact against the reference; then a send whose hook is never
+    called, read out when its slot half is used again, and clean_low_latency_buffer."""
+    m, num_experts = 8, 8
+    buf = Buffer(dist.group.WORLD, transport="shm", low_latency_mode=True, timeout_s=30,
+                 num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(m, 64, world, num_experts))
+    _, ll = _native(buf)
+    batches = [_inputs(world, seed=s) for s in (7, 8)]
+    try:
+        for xs, idx, w in batches:  # the configuration's first call runs the portable kernels
+            recv_x, _, handle, _, _ = buf.low_latency_dispatch(xs[rank], idx[rank], m, num_experts, use_fp8=False)
+            buf.low_latency_combine(recv_x, idx[rank], w[rank], handle)
+        calls = ll.native_calls
+        sent = [buf.low_latency_dispatch(xs[rank], idx[rank], m, num_experts, use_fp8=False, return_recv_hook=True)
+                for xs, idx, w in batches]
+        for _, _, _, _, hook in reversed(sent):  # hooks in any order
+            hook()
+        combines = []
+        for (xs, idx, w), (recv_x, count, handle, _, _) in zip(batches, sent):
+            refs = reference.low_latency_dispatch(xs, idx, m, num_experts, use_fp8=False)
+            valid = (refs[rank].layout_range & 0xFFFFFFFF).sum(dim=1)
+            for e, v in enumerate(valid.tolist()):
+                assert_same(f"expert {e} rows", recv_x[e, :v], refs[rank].packed_recv_x[e, :v])
+            assert_same("count", count, refs[rank].packed_recv_count)
+            out = torch.full((xs[rank].shape[0], 64), float("nan")).bfloat16()
+            combined, _, hook = buf.low_latency_combine(recv_x * 3, idx[rank], w[rank], handle,
+                                                        return_recv_hook=True, out=out)
+            want = reference.low_latency_combine([r.packed_recv_x * 3 for r in refs], idx, w, refs, num_experts)
+            combines.append((hook, out, want[rank]))
+        for hook, out, want in combines:
+            hook()
+            assert_same("combined", out, want)
+        assert ll.native_calls == calls + 4, (calls, ll.native_calls)
+        xs, idx, w = batches[0]
+        forgotten = buf.low_latency_dispatch(xs[rank], idx[rank], m, num_experts, use_fp8=False,
+                                             return_recv_hook=True)
+        for _ in range(2):  # the second reuses the forgotten send's half: it is read out first
+            recv_x, _, handle, _, _ = buf.low_latency_dispatch(xs[rank], idx[rank], m, num_experts, use_fp8=False)
+        buf.clean_low_latency_buffer(m, 64, num_experts)
+        del forgotten
+        return ll.native_calls - calls
+    finally:
+        buf.destroy()

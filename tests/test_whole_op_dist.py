@@ -33,3 +33,9 @@ def test_low_latency_paths(pools, world_size):
     messages = pools(world_size).run(cases_whole_op.low_latency_paths)
     assert len({m["expert_id"] for m in messages}) == 1, messages
     assert "expected topk_idx values in [-1, 8), got 99 at token 0, slot 0 (on rank 1)" in messages[0]["expert_id"]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_low_latency_overlap_with_hooks(pools, world_size):
+    calls = pools(world_size).run(cases_whole_op.low_latency_overlap)
+    assert calls == [7] * world_size, calls

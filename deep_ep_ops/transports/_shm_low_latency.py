@@ -40,6 +40,36 @@ class _Config:
         return header
 
 
+class _Exchange(Resumable):
+    """One native call in flight: one of the slots' exchanges (``seq``: its exchange number, so that reusing its
+    half reads it out first, ``_shm_slots.Slots.drain``), completed by :meth:`finish`."""
+
+    def __init__(self, call, args, check, seq: int, op: str, op_seq: int):
+        super().__init__(call, args, check)
+        self.seq, self.op, self.op_seq, self.done = seq, op, op_seq, False
+
+    def poll(self, timeout_s: float) -> bool:
+        self.done = self.done or super().poll(timeout_s)
+        return self.done
+
+    def finish(self, ctx) -> None:
+        """Waits for the exchange; a peer whose header disagrees fails every rank with the same error."""
+        if _waits.wait(ctx, self, self.op, self.op_seq) == 2:
+            _handshake.validate(ctx, self.op, self.op_seq, self.args[-2], low_latency.LowLatencySettings)
+            raise RuntimeError(f"deepep::{self.op}: expected every rank's rows to fit the chunk its peer planned, "
+                               f"got more (ranks with different num_max_dispatch_tokens_per_rank?)")
+
+
+class _Hook:
+    """What a receive hook's token names (``low_latency._hold``): the native exchange of a send half."""
+
+    def __init__(self, exchange: _Exchange, out: torch.Tensor | None = None):
+        self.exchange, self.seq, self.out = exchange, exchange.op_seq, out
+
+    def drain(self, ctx) -> None:  # clean_low_latency_buffer
+        self.exchange.finish(ctx)
+
+
 class LowLatency:
     """Whole-op kernels of ``low_latency_dispatch`` and ``low_latency_combine`` for one ``ShmTransport``."""
 
@@ -61,20 +91,41 @@ class LowLatency:
         slots.drain(slots.seq - 2)  # a receive hook never called still holds this half
         return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, config.header_bytes], slots.seq
 
-    def _run(self, op_name: str, seq: int, native, args) -> None:
+    def _start(self, op_name: str, seq: int, native, args, hook: bool) -> _Exchange:
+        """Starts a native call: done before returning without ``hook``, else sent (as far as the peers' slots
+        are free) and left in flight for the receive hook."""
         ctx = self.t.ctx
         self.native_calls += 1
         recv_header = torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64)
-        state = torch.zeros(ctx.num_ranks, dtype=torch.int64)
-        pending = Resumable(native, (*args, recv_header, state), self.t.check_peers)
-        if _waits.wait(ctx, pending, op_name, seq) == 2:
-            _handshake.validate(ctx, op_name, seq, recv_header, low_latency.LowLatencySettings)
-            raise RuntimeError(f"deepep::{op_name}: expected every rank's rows to fit the chunk its peer planned, "
-                               f"got more (ranks with different num_max_dispatch_tokens_per_rank?)")
+        exchange = _Exchange(native, (*args, recv_header, torch.zeros(ctx.num_ranks, dtype=torch.int64)),
+                             self.t.check_peers, args[2], op_name, seq)
+        if hook:
+            slots = self.t._slots
+            slots.pending = [p for p in slots.pending if not p.done] + [exchange]
+            with _waits.guard(ctx, op_name, seq):
+                exchange.poll(0.0)
+        else:
+            exchange.finish(ctx)
+        return exchange
 
-    def dispatch(self, x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8=True, round_scale=False,
-                 use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0, expert_token_nums_type=1,
-                 comm_seq=None):
+    def dispatch(self, *args, **kwargs):
+        return self._dispatch(False, *args, **kwargs)
+
+    def dispatch_send(self, *args, **kwargs):
+        return self._dispatch(True, *args, **kwargs)
+
+    def dispatch_recv(self, packed, packed_scales, count, src_info, layout_range, recv_token, group_name) -> None:
+        ctx = self.t.ctx
+        state = low_latency._claim(ctx, recv_token, "low_latency_dispatch_recv")
+        if not isinstance(state, _Hook):
+            return low_latency.low_latency_dispatch_recv(packed, packed_scales, count, src_info, layout_range,
+                                                         recv_token, group_name)
+        state.exchange.finish(ctx)  # the outputs the send half returned are the ones it writes
+        return None
+
+    def _dispatch(self, hook, x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8=True,
+                  round_scale=False, use_ue8m0=False, quant_mode="none", num_shared_expert_ranks=0,
+                  expert_token_nums_type=1, comm_seq=None):
         op = "low_latency_dispatch"
         ctx, num_shared = self.t.ctx, num_shared_expert_ranks
         try:  # whatever is malformed here, the portable kernel raises its error
@@ -88,9 +139,9 @@ class LowLatency:
             key, fast = None, False
         slots = self._slots(config) if fast else None
         if slots is None:
-            out = low_latency.low_latency_dispatch(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8,
-                                                   round_scale, use_ue8m0, quant_mode, num_shared,
-                                                   expert_token_nums_type, comm_seq)
+            portable = low_latency.low_latency_dispatch_send if hook else low_latency.low_latency_dispatch
+            out = portable(x, topk_idx, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
+                           quant_mode, num_shared, expert_token_nums_type, comm_seq)
             if key is not None and key not in self.configs:
                 self.configs[key] = _DispatchConfig(x, topk_idx, m, num_experts, num_ranks, rank, use_fp8,
                                                     round_scale, use_ue8m0, quant_mode, num_shared)
@@ -105,13 +156,30 @@ class LowLatency:
             data, scales = x, None
         packed, packed_scales = (ctx.outputs.empty(shape, dtype) for shape, dtype in config.large)
         outputs = (packed, packed_scales, *(torch.empty(shape, dtype=dtype) for shape, dtype in config.small))
-        self._run(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
-                  (*slots[:2], slots[2], config.header_for(seq), data, scales, topk_idx, config.format, m,
-                   num_experts, num_shared, rank, expert_token_nums_type, *outputs))
-        return (*outputs, _handshake.next_comm_seq(comm_seq, x))
+        exchange = self._start(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
+                               (*slots[:2], slots[2], config.header_for(seq), data, scales, topk_idx, config.format, m,
+                                num_experts, num_shared, rank, expert_token_nums_type, *outputs), hook)
+        token = (low_latency._hold(ctx, _Hook(exchange)),) if hook else ()
+        return (*outputs, *token, _handshake.next_comm_seq(comm_seq, x))
 
-    def combine(self, x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks, rank,
-                num_shared_expert_ranks=0, comm_seq=None):
+    def combine(self, *args, **kwargs):
+        return self._combine(False, *args, **kwargs)
+
+    def combine_send(self, *args, **kwargs):
+        return self._combine(True, *args, **kwargs)
+
+    def combine_recv(self, combined_x, recv_token, group_name) -> None:
+        ctx = self.t.ctx
+        state = low_latency._claim(ctx, recv_token, "low_latency_combine_recv")
+        if not isinstance(state, _Hook):
+            return low_latency.low_latency_combine_recv(combined_x, recv_token, group_name)
+        state.exchange.finish(ctx)
+        if combined_x is not state.out:  # the caller's own tensor (Buffer's ``out=``)
+            combined_x.copy_(state.out)
+        return None
+
+    def _combine(self, hook, x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks,
+                 rank, num_shared_expert_ranks=0, comm_seq=None):
         op = "low_latency_combine"
         ctx, num_shared = self.t.ctx, num_shared_expert_ranks
         try:  # whatever is malformed here, the portable kernel raises its error
@@ -126,8 +194,9 @@ class LowLatency:
             key, fast = None, False
         slots = self._slots(config) if fast else None
         if slots is None:
-            out = low_latency.low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts,
-                                                  group_name, num_ranks, rank, num_shared, comm_seq)
+            portable = low_latency.low_latency_combine_send if hook else low_latency.low_latency_combine
+            out = portable(x, topk_idx, topk_weights, src_info, layout_range, m, num_experts, group_name, num_ranks,
+                           rank, num_shared, comm_seq)
             if key is not None and key not in self.configs:
                 k, hidden = topk_idx.shape[1], x.shape[2]
                 settings = low_latency.LowLatencySettings(m, num_experts, hidden, k, num_shared, 0,
@@ -139,10 +208,11 @@ class LowLatency:
         seq = ctx.next_seq(op, x.shape[0])
         x, topk_idx, topk_weights, layout_range = (t.contiguous() for t in (x, topk_idx, topk_weights, layout_range))
         out = x.new_empty((n, x.shape[2]))
-        self._run(op, seq, torch.ops.deepep._shm_ll_combine.default,
-                  (*slots[:2], slots[2], config.header_for(seq), x, layout_range, topk_idx, topk_weights, m,
-                   num_experts, num_shared, rank, out))
-        return out, _handshake.next_comm_seq(comm_seq, x)
+        exchange = self._start(op, seq, torch.ops.deepep._shm_ll_combine.default,
+                               (*slots[:2], slots[2], config.header_for(seq), x, layout_range, topk_idx, topk_weights,
+                                m, num_experts, num_shared, rank, out), hook)
+        token = (low_latency._hold(ctx, _Hook(exchange, out)),) if hook else ()
+        return (out, *token, _handshake.next_comm_seq(comm_seq, x))
 
 
 class _DispatchConfig(_Config):

@@ -215,10 +215,8 @@ class ShmTransport(Transport):
             return self._normal.cached_dispatch
         if op == "combine":
             return self._normal.combine
-        if op == "low_latency_dispatch":
-            return self._low_latency.dispatch
-        if op == "low_latency_combine":
-            return self._low_latency.combine
+        if op.startswith("low_latency_"):  # dispatch, combine, and their send and receive halves (hooks)
+            return getattr(self._low_latency, op.removeprefix("low_latency_"))
         return None
 
     def close(self) -> None:
