@@ -19,6 +19,8 @@ Normal-mode ops validate on the host. Low-latency ops validate on the device wit
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 
 from . import _waits
@@ -33,6 +35,8 @@ STATUS_CHECK_FAILED = 1  # message is in the store
 STATUS_EXPERT_OUT_OF_RANGE = 2  # args: token, slot, value
 STATUS_LAYOUT_MISMATCH = 3  # args: token, rank, is_token_in_rank value
 STATUS_HANDLE_ROWS = 4  # args: rows the handle claims, rows there are
+#: Seconds a rank waits for the message of a peer that failed its checks (see ``_message``).
+MESSAGE_WAIT_S = 2.0
 
 
 def _error_key(ctx, seq: int, rank: int) -> str:
@@ -164,10 +168,20 @@ def _status_message(ctx, op: str, seq: int, rank: int, status: list[int], settin
         return (f"deepep::{op}: expected a handle whose rank_prefix_matrix fits the {a1} received rows, got one "
                 f"claiming {a0} (a stale handle?) (on rank {rank})")
     key = _error_key(ctx, seq, rank)
-    text = _waits.ask_store(ctx, lambda kv: kv.get(key).decode() if kv.check([key]) else None)
+    text = _waits.ask_store(ctx, lambda kv: _message(kv, key))
     if text is None:
         text = f"deepep::{op}: rank {rank} rejected its inputs (see that rank's error)"
     return f"{text} (on rank {rank})"
+
+
+def _message(kv, key: str) -> str | None:
+    """A failing peer's message: it writes it to the store before it sends its header, yet a read on another
+    connection may reach the store first, so the reader waits a little for it."""
+    try:
+        kv.wait([key], datetime.timedelta(seconds=MESSAGE_WAIT_S))
+    except Exception:  # noqa: BLE001  (never written: the peer failed before it could)
+        return None
+    return kv.get(key).decode()
 
 
 def validate(ctx, op: str, seq: int, rows: torch.Tensor, settings_type: type) -> None:
