@@ -134,7 +134,8 @@ class LowLatency:
                    topk_idx.device, m, num_experts, group_name, num_ranks, rank, use_fp8, round_scale, use_ue8m0,
                    quant_mode, num_shared, expert_token_nums_type)
             config = self.configs.get(key)
-            fast = config is not None and topk_idx.shape[0] == n and n <= m and ctx.kernels.name == "native"
+            fast = (config is not None and topk_idx.shape[0] == n and n <= m and ctx.kernels.name == "native"
+                    and x.device.type == "cpu")
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
         slots = self._slots(config) if fast else None
@@ -189,7 +190,8 @@ class LowLatency:
                    num_experts, group_name, num_ranks, rank, num_shared)
             n = topk_idx.shape[0]
             config = self.configs.get(key)
-            fast = config is not None and topk_weights.shape[0] == n and n <= m and ctx.kernels.name == "native"
+            fast = (config is not None and topk_weights.shape[0] == n and n <= m and ctx.kernels.name == "native"
+                    and x.device.type == "cpu")
         except (AttributeError, IndexError, TypeError):
             key, fast = None, False
         slots = self._slots(config) if fast else None

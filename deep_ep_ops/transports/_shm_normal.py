@@ -44,8 +44,10 @@ class Normal:
         self.ring_rows = 0  # and of those, the ones whose rows went through the rings
         self.small_bytes = SMALL_BYTES  # every rank must hold the same (the tests lower it)
 
-    def _ready(self, config) -> bool:
-        return config is not None and not self.t._queue and self.t.ctx.kernels.name == "native"
+    def _ready(self, config, x: torch.Tensor) -> bool:
+        """A checked configuration, no exchange of the rings in flight, and CPU tensors for the C++ kernels."""
+        return (config is not None and not self.t._queue and self.t.ctx.kernels.name == "native"
+                and x.device.type == "cpu")
 
     def _remember(self, key, op: str, settings: tuple, *config: int) -> None:
         if key is not None and key not in self.configs:
@@ -90,7 +92,7 @@ class Normal:
                    num_tokens_per_expert.shape, num_tokens_per_expert.device, *_meta(x_scales), *_meta(topk_weights),
                    *args[6:])
             config = self.configs.get(key)
-            fast = (self._ready(config) and topk_idx.shape[0] == n and is_token_in_rank.shape[0] == n
+            fast = (self._ready(config, x) and topk_idx.shape[0] == n and is_token_in_rank.shape[0] == n
                     and n * topk_idx.shape[1] <= checks.INT32_MAX
                     and (x_scales is None or x_scales.shape[0] == n)
                     and (topk_weights is None or topk_weights.shape[0] == n))
@@ -127,7 +129,7 @@ class Normal:
                    group_name, num_ranks)
             config = self.configs.get(key)
             n = x.shape[0]
-            fast = (self._ready(config) and handle[4].shape[0] == n and handle[5].shape[0] == n
+            fast = (self._ready(config, x) and handle[4].shape[0] == n and handle[5].shape[0] == n
                     and (x_scales is None or x_scales.shape[0] == n)
                     and (topk_weights is None or topk_weights.shape[0] == n))
         except (AttributeError, IndexError, TypeError):
@@ -157,7 +159,7 @@ class Normal:
                    *_meta(bias_1), group_name, num_ranks)
             config = self.configs.get(key)
             num_recv, num_tokens = handle[3].shape[0], handle[4].shape[0]
-            fast = (self._ready(config) and x.shape[0] == num_recv and handle[5].shape[0] == num_tokens
+            fast = (self._ready(config, x) and x.shape[0] == num_recv and handle[5].shape[0] == num_tokens
                     and (topk_weights is None or topk_weights.shape[0] == num_recv)
                     and all(b is None or b.shape[0] == num_tokens for b in (bias_0, bias_1)))
         except (AttributeError, IndexError, TypeError):
