@@ -171,11 +171,14 @@ std::vector<int64_t> read_matrix(const Scratch& at_, int64_t num_ranks, int64_t 
   return received;
 }
 
-// Whether the rows take the rings: every rank offered it and none receives more than ``small_bytes``.
+// Whether the rows take the rings: every rank offered it, none receives more than ``small_bytes``, and a packed
+// row fits a ring (``geometry[1]`` bytes per source; the portable path may move smaller rows, or none, through
+// them). Every rank decides the same from the same headers and the same ring size.
 bool rows_in_rings(const Scratch& at_, const std::vector<int64_t>& received, int64_t width, int64_t row_bytes,
-                   int64_t small_bytes) {
+                   int64_t small_bytes, c10::IntArrayRef geometry) {
   const int64_t most = *std::max_element(received.begin(), received.end());
-  return all_offered(at_.headers, received.size(), width) && most * row_bytes <= small_bytes;
+  return all_offered(at_.headers, received.size(), width) && most * row_bytes <= small_bytes &&
+         row_bytes <= geometry[1];
 }
 
 // The rows through the rings into the outputs of agree (its cursor: [0, 2R) of ring_exchange, [2R] own rows done).
@@ -305,7 +308,7 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
   for (int64_t total : received_by)
     if (total > limit) return {4, {}};
   const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, k, topk_weights ? k : 0);
-  if (!rows_in_rings(at_, received_by, width, row.bytes, config[kSmallBytes])) return {3, {}};
+  if (!rows_in_rings(at_, received_by, width, row.bytes, config[kSmallBytes], geometry)) return {3, {}};
 
   // The outputs, as normal.dispatch returns them (padding rows past the received ones, for num_worst_tokens).
   const int64_t* matrix = at_.matrix;
@@ -459,7 +462,7 @@ std::tuple<int64_t, std::vector<at::Tensor>> combine_agree(
   const int64_t k = topk_weights ? topk_weights->size(1) : 0;
   const int64_t row_bytes = std::max<int64_t>(align8(x.size(1) * x.element_size()) + align8(4 * k), 8);
   const auto received_by = read_matrix(at_, num_ranks, width);
-  if (!rows_in_rings(at_, received_by, width, row_bytes, config[kSmallBytes])) return {3, {}};
+  if (!rows_in_rings(at_, received_by, width, row_bytes, config[kSmallBytes], geometry)) return {3, {}};
   const int64_t received = received_by[rank];
   const int64_t num_tokens = is_token_in_rank.size(0);
   std::vector<at::Tensor> outputs{at::empty({num_tokens, x.size(1)}, x.options()),
@@ -490,7 +493,8 @@ std::tuple<int64_t, std::vector<at::Tensor>> cached_agree(
   if (agreed != 1) return {agreed, {}};
   const int64_t weights_k = topk_weights ? topk_weights->size(1) : 0;
   const Row row(row_bytes_of(data), scales ? row_bytes_of(*scales) : 0, 0, weights_k);
-  if (!rows_in_rings(at_, read_matrix(at_, num_ranks, width), width, row.bytes, config[kSmallBytes])) return {3, {}};
+  if (!rows_in_rings(at_, read_matrix(at_, num_ranks, width), width, row.bytes, config[kSmallBytes], geometry))
+    return {3, {}};
   std::vector<at::Tensor> outputs{zero_rows(data, num_recv, data.options()), zero_rows(scales, num_recv, data.options()),
                                   at::zeros({num_recv, weights_k}, data.options().dtype(at::kFloat))};
   const int64_t moved = rows(rings, geometry, mirror, data, scales, std::nullopt, topk_weights, is_token_in_rank,

@@ -190,3 +190,34 @@ def low_latency_overlap(rank: int, world: int) -> int:
         return ll.native_calls - calls
     finally:
         buf.destroy()
+
+
+def normal_tight_rings(rank: int, world: int) -> int:
+    """Rings that hold one 2 KB row: the packed rows of the ring path (payload + metadata, 2 KB and more) do not
+    fit, so every rank takes the portable rows after the native handshake; results stay exact (a property
+    example once hung here)."""
+    from deep_ep_ops.transports import _shm_engine
+
+    hidden, num_experts = 512, 8
+    buf = Buffer(dist.group.WORLD, transport="shm", timeout_s=30,
+                 num_nvl_bytes=_shm_engine.ring_segment_bytes(world, 4 * hidden))
+    normal, _ = _native(buf)
+    g = torch.Generator().manual_seed(11)
+    xs = [torch.randn(5, hidden, generator=g) for _ in range(world)]
+    idx = [torch.rand(5, num_experts, generator=g).topk(2, dim=1).indices for _ in range(world)]
+    w = [torch.rand(5, 2, generator=g) for _ in range(world)]
+    try:
+        layouts = [reference.get_dispatch_layout(i, num_experts, world, world) for i in idx]
+        refs = reference.dispatch(xs, idx, w, num_experts, is_token_in_rank=[lay[3] for lay in layouts])
+        want_x, want_w = reference.combine([r.recv_x for r in refs], refs,
+                                           topk_weights=[r.recv_topk_weights for r in refs])[rank]
+        for _ in range(3):
+            recv_x, _, recv_w, _, handle, _ = _dispatch(buf, xs[rank], idx[rank], w[rank], num_experts)
+            assert_same("recv_x", recv_x, refs[rank].recv_x)
+            combined, combined_w, _ = buf.combine(recv_x, handle, recv_w)
+            assert_same("combined_x", combined, want_x)
+            assert_same("combined_topk_weights", combined_w, want_w)
+        assert normal.ring_rows == 0, "a packed row wider than the rings took them"
+        return normal.native_calls
+    finally:
+        buf.destroy()

@@ -39,3 +39,7 @@ def test_low_latency_paths(pools, world_size):
 def test_low_latency_overlap_with_hooks(pools, world_size):
     calls = pools(world_size).run(cases_whole_op.low_latency_overlap)
     assert calls == [7] * world_size, calls
+
+
+def test_normal_rows_wider_than_the_rings(pools):
+    assert pools(2).run(cases_whole_op.normal_tight_rings) == [4, 4]  # 2 dispatches + 2 combines after the first
