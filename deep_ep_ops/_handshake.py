@@ -28,7 +28,7 @@ from . import _waits
 MAGIC = 0xDEE9EA
 OPS = ("dispatch", "cached_dispatch", "combine", "low_latency_dispatch", "low_latency_combine", "fused_deep_moe")
 MAX_SETTINGS = 12
-_STATUS, _SETTINGS, _COUNTS = 3, 7, 7 + MAX_SETTINGS
+_SEQ, _STATUS, _SETTINGS, _COUNTS = 2, 3, 7, 7 + MAX_SETTINGS
 
 STATUS_OK = (0, 0, 0, 0)
 STATUS_CHECK_FAILED = 1  # message is in the store
@@ -72,6 +72,13 @@ def header_row(op: str, seq: int, settings: tuple, sends: list[int], expects: li
     """One row of :func:`header` as a list (the same row goes to every rank when the counts are per rank)."""
     assert len(settings) <= MAX_SETTINGS, f"{type(settings).__name__} has more than {MAX_SETTINGS} fields"
     return [MAGIC, OPS.index(op), seq, *status, *settings, *([0] * (MAX_SETTINGS - len(settings))), *sends, *expects]
+
+
+def with_seq(row: list[int], seq: int) -> list[int]:
+    """A copy of the header row ``row`` (of :func:`header_row`) numbered ``seq``."""
+    row = row.copy()
+    row[_SEQ] = seq
+    return row
 
 
 def set_status(rows: torch.Tensor, status: torch.Tensor) -> None:

@@ -34,10 +34,6 @@ class _Config:
         self.header_bytes = (len(self.header) * 8 + 63) // 64 * 64
         self.need = self.header_bytes + max(caps) * row_bytes  # slot bytes one exchange takes
 
-    def header_for(self, seq: int) -> list[int]:
-        header = self.header.copy()
-        header[2] = seq
-        return header
 
 
 class _Exchange(Resumable):
@@ -87,9 +83,8 @@ class LowLatency:
             return None
         if self._segments[0] != slots.generation:
             self._segments = (slots.generation, [s.tensor for s in slots.segments])
-        slots.seq += 1
-        slots.drain(slots.seq - 2)  # a receive hook never called still holds this half
-        return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, config.header_bytes], slots.seq
+        seq = slots.next_seq()
+        return self._segments[1], [_shm_engine.slot_base(self.t.num_ranks), slots.bytes, config.header_bytes], seq
 
     def _start(self, op_name: str, seq: int, native, args, hook: bool) -> _Exchange:
         """Starts a native call: done before returning without ``hook``, else sent (as far as the peers' slots
@@ -100,8 +95,7 @@ class LowLatency:
         exchange = _Exchange(native, (*args, recv_header, torch.zeros(ctx.num_ranks, dtype=torch.int64)),
                              self.t.check_peers, args[2], op_name, seq)
         if hook:
-            slots = self.t._slots
-            slots.pending = [p for p in slots.pending if not p.done] + [exchange]
+            self.t._slots.track(exchange)
             with _waits.guard(ctx, op_name, seq):
                 exchange.poll(0.0)
         else:
@@ -158,7 +152,7 @@ class LowLatency:
         packed, packed_scales = (ctx.outputs.empty(shape, dtype) for shape, dtype in config.large)
         outputs = (packed, packed_scales, *(torch.empty(shape, dtype=dtype) for shape, dtype in config.small))
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
-                               (*slots[:2], slots[2], config.header_for(seq), data, scales, topk_idx, config.format, m,
+                               (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), data, scales, topk_idx, config.format, m,
                                 num_experts, num_shared, rank, expert_token_nums_type, *outputs), hook)
         token = (low_latency._hold(ctx, _Hook(exchange)),) if hook else ()
         return (*outputs, *token, _handshake.next_comm_seq(comm_seq, x))
@@ -211,7 +205,7 @@ class LowLatency:
         x, topk_idx, topk_weights, layout_range = (t.contiguous() for t in (x, topk_idx, topk_weights, layout_range))
         out = x.new_empty((n, x.shape[2]))
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_combine.default,
-                               (*slots[:2], slots[2], config.header_for(seq), x, layout_range, topk_idx, topk_weights,
+                               (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), x, layout_range, topk_idx, topk_weights,
                                 m, num_experts, num_shared, rank, out), hook)
         token = (low_latency._hold(ctx, _Hook(exchange, out)),) if hook else ()
         return (out, *token, _handshake.next_comm_seq(comm_seq, x))

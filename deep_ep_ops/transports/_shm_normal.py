@@ -1,17 +1,18 @@
-"""The whole-op level of ``shm`` for normal-mode dispatch: two native calls (``csrc/normal.cpp``).
+"""The whole-op level of ``shm`` for normal-mode dispatch, cached dispatch and combine (``csrc/normal.cpp``).
 
-The portable kernel (:func:`deep_ep_ops.normal.dispatch`) costs about half a millisecond of host work in a few
-hundred torch and Python calls, whatever the batch: for small batches (decode, tests, the tail of a
-pipeline) that is most of the op. Here ``_shm_dispatch_agree`` runs the handshake through the rings (the very
-header rows of ``_handshake.agree``, checked natively) and allocates the outputs, and ``_shm_dispatch_rows``
-moves one packed row per (token, rank) through the rings and fills the outputs.
+The portable kernels (:mod:`deep_ep_ops.normal`) cost a few hundred µs of host work in a few hundred torch and
+Python calls, whatever the batch: for small batches (decode, tests, the tail of a pipeline) that is most of the
+op. Here one native call (``_shm_*_agree``) runs the handshake through the rings (the very header rows of
+``_handshake.agree``, checked natively), allocates the outputs and, for small batches, moves one packed row per
+(token, rank) through the rings and fills the outputs; ``_shm_dispatch_rows`` / ``_shm_combine_rows`` go on
+when its budget ran out first.
 
-The rows take this way only when every rank offered it in its header (a spare settings word) and every rank
-receives at most :data:`SMALL_BYTES`; otherwise the portable kernel moves them after the same handshake,
-straight into the receivers' outputs (one copy, better for large batches). Every rank decides the same from
-the same headers, so ranks on the portable path (the first call of each configuration, which runs the input
-checks and remembers them by the metadata they read; python kernels) and ranks here agree and exchange with
-each other.
+The rows take the rings only when every rank offered it in its header (a spare settings word), every rank
+receives at most :data:`SMALL_BYTES` and a packed row fits a ring; otherwise the portable kernel moves them
+after the same handshake (dispatch straight into the receivers' outputs: one copy, better for large batches).
+Every rank decides the same from the same headers, so ranks on the portable path (the first call of each
+configuration, which runs the input checks and remembers them by the metadata they read; python kernels;
+accelerator tensors) and ranks here agree and exchange with each other.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class Normal:
     def _agree(self, op: str, config, call, local: tuple, settings_type: type):
         """The native handshake (and, for small batches, the rows): ``(status, outputs, scratch, seq)``."""
         t, ctx = self.t, self.t.ctx
-        header, native_config = config[0].copy(), [config[1][0], self.small_bytes, *config[1][2:]]
-        seq = header[2] = ctx.next_seq(op, local[0].shape[0])
+        seq = ctx.next_seq(op, local[0].shape[0])
+        header, native_config = _handshake.with_seq(config[0], seq), [config[1][0], self.small_bytes, *config[1][2:]]
         self.native_calls += 1
         num_ranks, width = t.num_ranks, len(header)
         scratch = torch.zeros(num_ranks * num_ranks + 2 * (2 * num_ranks + 1) + num_ranks * width, dtype=torch.int64)
@@ -112,9 +113,11 @@ class Normal:
         status, outputs, scratch, seq, native_config = self._agree(
             "dispatch", config, torch.ops.deepep._shm_dispatch_agree.default, local, normal.DispatchSettings)
         if status in (3, 4):
+            # 4: dispatch_rows raises the receive-limit error every rank raises, before any row moves; 3: the
+            # portable path moves the rows, straight into the receivers' outputs
             matrix = scratch[:num_ranks * num_ranks].view(num_ranks, num_ranks)
-            normal.check_receive_limit(matrix, num_worst_tokens)  # 4: raises the error every rank raises
-            # 3: the portable path moves the rows, straight into the receivers' outputs
+            if status == 4:
+                normal.check_receive_limit(matrix, num_worst_tokens)
             _, data, scales, fmt, meta = normal.prepare_dispatch(self.t.ctx, *args)
             return normal.dispatch_rows(self.t.ctx, seq, matrix, x, data, scales, fmt, meta, topk_idx, topk_weights,
                                         is_token_in_rank, num_tokens_per_expert, num_experts, num_ranks,

@@ -38,9 +38,7 @@ class SlotExchange:
     def _start(self) -> None:
         """Sends this exchange (under a new exchange number): rows if they fit, else a request for room."""
         slots, num_ranks = self.slots, self.t.num_ranks
-        slots.seq += 1
-        self.seq = slots.seq
-        slots.drain(self.seq - 2)
+        self.seq = slots.next_seq()
         need = self.header_bytes + max(max(self.send_caps), max(self.recv_caps)) * self.row_bytes
         self.counts = self.real_counts if need <= slots.bytes else [-need] * num_ranks
         self.recv_counts = torch.full((num_ranks,), -1, dtype=torch.int64)
@@ -131,8 +129,20 @@ class Slots:
             if not self.segments:
                 self.map(self.bytes if self.t.ctx.num_rdma_bytes else 1 << 20)
             exchange = SlotExchange(self, *args)
-        self.pending = [p for p in self.pending if not p.done] + [exchange]
+        self.track(exchange)
         return exchange
+
+    def next_seq(self) -> int:
+        """The next exchange number, once the exchange that used its half before is read out (a receive hook
+        never called still holds it)."""
+        self.seq += 1
+        self.drain(self.seq - 2)
+        return self.seq
+
+    def track(self, exchange) -> None:
+        """Keeps ``exchange`` (anything with ``seq``, ``done`` and ``poll``) until it is done, so that reusing its
+        half, or remapping the slots, reads it out first."""
+        self.pending = [p for p in self.pending if not p.done] + [exchange]
 
     def drain(self, seq: int) -> None:
         """Reads out every exchange numbered ``seq`` or less that is still in flight."""
