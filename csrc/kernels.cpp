@@ -25,6 +25,8 @@ namespace deepep {
 int64_t plan_total(int64_t num_experts, int64_t num_ranks, int64_t k, int64_t m, int64_t num_shared);
 void plan_rows(const int64_t* idx, int64_t n, int64_t k, int64_t num_experts, int64_t num_ranks, int64_t rank,
                int64_t m, int64_t num_shared, int64_t* slot, int64_t* counts, int64_t* source, int32_t* meta);
+int64_t combine_positions(const int64_t* layout_range, int64_t num_local, int64_t num_ranks, int64_t s, int64_t cap,
+                          int64_t rows_per_expert, int64_t* out);
 
 namespace {
 
@@ -151,16 +153,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_layout(const
 at::Tensor ll_combine_rows(const at::Tensor& layout_range_t, int64_t cap, int64_t rows_per_expert) {
   const auto layout_range = layout_range_t.contiguous();
   const int64_t L = layout_range.size(0), num_ranks = layout_range.size(1);
-  const int64_t* lr = layout_range.data_ptr<int64_t>();
   at::Tensor out = at::zeros({num_ranks, cap}, layout_range.options());
-  int64_t* o = out.data_ptr<int64_t>();
-  for (int64_t s = 0; s < num_ranks; ++s) {
-    int64_t j = 0;
-    for (int64_t e = 0; e < L; ++e) {
-      const int64_t begin = lr[e * num_ranks + s] >> 32, count = lr[e * num_ranks + s] & 0xFFFFFFFF;
-      for (int64_t i = 0; i < count && j < cap; ++i) o[s * cap + j++] = e * rows_per_expert + begin + i;
-    }
-  }
+  for (int64_t s = 0; s < num_ranks; ++s)
+    combine_positions(layout_range.data_ptr<int64_t>(), L, num_ranks, s, cap, rows_per_expert,
+                      out.data_ptr<int64_t>() + s * cap);
   return out;
 }
 

@@ -92,25 +92,28 @@ void plan_rows(const int64_t* idx, int64_t n, int64_t k, int64_t num_experts, in
   }
 }
 
+// The expert side of a combine (deep_ep_ops/_ll_plan.combine_send_rows specifies it): the flat [L,
+// rows_per_expert] positions of source ``s``'s rows in the order it sent them (local expert, then token), at most
+// ``cap``, into ``out``; returns how many.
+int64_t combine_positions(const int64_t* layout_range, int64_t num_local, int64_t num_ranks, int64_t s, int64_t cap,
+                          int64_t rows_per_expert, int64_t* out) {
+  int64_t j = 0;
+  for (int64_t e = 0; e < num_local; ++e) {
+    const int64_t begin = layout_range[e * num_ranks + s] >> 32, count = layout_range[e * num_ranks + s] & 0xFFFFFFFF;
+    for (int64_t i = 0; i < count && j < cap; ++i) out[j++] = e * rows_per_expert + begin + i;
+  }
+  return j;
+}
+
 namespace {
 
 using namespace shm;
-
-// Header words (deep_ep_ops/_handshake.py): status code and arguments start at word 3.
-constexpr int64_t kStatus = 3, kExpertOutOfRange = 2;
 
 // This rank's header with the status of its first expert id outside [-1, num_experts), if any.
 std::vector<int64_t> with_id_status(c10::IntArrayRef header, const int64_t* idx, int64_t n, int64_t k,
                                     int64_t num_experts) {
   std::vector<int64_t> row(header.begin(), header.end());
-  for (int64_t i = 0; i < n * k; ++i)
-    if (idx[i] < -1 || idx[i] >= num_experts) {
-      row[kStatus] = kExpertOutOfRange;
-      row[kStatus + 1] = i / k;
-      row[kStatus + 2] = i % k;
-      row[kStatus + 3] = idx[i];
-      break;
-    }
+  expert_id_status(row.data(), idx, n, k, num_experts);
   return row;
 }
 
@@ -297,30 +300,16 @@ int64_t combine(const std::vector<at::Tensor>& segments, c10::IntArrayRef geomet
   const int64_t* idx = topk_idx.data_ptr<int64_t>();
   const auto offset = chunk_offsets(num_experts, num_ranks, k, m, num_shared);
   const int64_t cap = offset[rank + 1] - offset[rank];
-  // Row j of what this rank sends source s: its flat position in x.
-  auto position = [&](int64_t s, int64_t j) -> int64_t {
-    for (int64_t e = 0; e < num_local; ++e) {
-      const int64_t c = lr[e * num_ranks + s] & 0xFFFFFFFF;
-      if (j < c) return e * rows_per_expert + (lr[e * num_ranks + s] >> 32) + j;
-      j -= c;
-    }
-    return -1;
-  };
+  // The rows this rank sends source s, in the order s sent them: their flat positions in x.
+  std::vector<int64_t> positions(cap);
   auto rows_for = [&](int64_t s) {
-    int64_t c = 0;
-    for (int64_t e = 0; e < num_local; ++e) c += lr[e * num_ranks + s] & 0xFFFFFFFF;
-    return std::min(c, cap);
+    return combine_positions(lr, num_local, num_ranks, s, cap, rows_per_expert, positions.data());
   };
   const auto header = with_id_status(header_row, idx, n, k, num_experts);
   Waiter waiter(budget_s);
   const bool sent = slots.send(header, state.data_ptr<int64_t>(), waiter, [&](int64_t s, char* dst) {
     const int64_t c = rows_for(s);
-    int64_t j = 0;
-    for (int64_t e = 0; e < num_local && j < c; ++e) {
-      const int64_t begin = lr[e * num_ranks + s] >> 32, len = std::min(lr[e * num_ranks + s] & 0xFFFFFFFF, c - j);
-      std::memcpy(dst + j * row_bytes, xs + (e * rows_per_expert + begin) * row_bytes, len * row_bytes);
-      j += len;
-    }
+    for (int64_t j = 0; j < c; ++j) std::memcpy(dst + j * row_bytes, xs + positions[j] * row_bytes, row_bytes);
     return c;
   });
   if (!sent) return 0;
@@ -328,7 +317,7 @@ int64_t combine(const std::vector<at::Tensor>& segments, c10::IntArrayRef geomet
   for (int64_t d = 0; d < num_ranks; ++d) caps[d] = offset[d + 1] - offset[d];
   const int64_t status = slots.receive(header, recv_header, caps, row_bytes, received, waiter);
   if (status != 1) return status;
-  received[rank] = rows_for(rank);
+  received[rank] = rows_for(rank);  // positions now holds this rank's own rows
 
   const int64_t cols = k + (num_shared > 0 ? 1 : 0), total = offset[num_ranks];
   std::vector<int64_t> slot(n * cols), counts(num_ranks);
@@ -345,7 +334,7 @@ int64_t combine(const std::vector<at::Tensor>& segments, c10::IntArrayRef geomet
       if (r < total) {
         const int64_t d = std::upper_bound(offset.begin(), offset.end(), r) - offset.begin() - 1, i = r - offset[d];
         if (i < received[d])
-          row = d == rank ? xs + position(rank, i) * row_bytes : slots.slot(rank, d) + slots.header_bytes + i * row_bytes;
+          row = d == rank ? xs + positions[i] * row_bytes : slots.slot(rank, d) + slots.header_bytes + i * row_bytes;
       }
       if (j < k) accumulate_scaled_row(acc.data(), row, w[t * k + j], x.scalar_type(), hidden);
       else accumulate_row(acc.data(), row, x.scalar_type(), hidden);

@@ -30,9 +30,6 @@ namespace {
 
 using namespace shm;
 
-// Header words (deep_ep_ops/_handshake.py) and the config vector of both calls.
-constexpr int64_t kMagic = 0, kStatus = 3, kSettings = 7, kCounts = 19, kOffer = kCounts - 1;
-constexpr int64_t kExpertOutOfRange = 2, kLayoutMismatch = 3;
 // config: [settings words, small bytes, then (dispatch) num_experts, num_worst_tokens, expert_alignment,
 // expert_token_nums_type]
 enum Config { kNumSettings, kSmallBytes, kNumExperts, kNumWorst, kExpertAlignment, kTokenNumsType };
@@ -85,12 +82,7 @@ at::Tensor zero_rows(const std::optional<at::Tensor>& like, int64_t rows, const 
 // topk_idx does not give (in row-major order, like normal._status).
 void set_status(int64_t* header, const int64_t* idx, const bool* in_rank, int64_t n, int64_t k, int64_t num_ranks,
                 int64_t num_experts) {
-  for (int64_t i = 0; i < n * k; ++i)
-    if (idx[i] < -1 || idx[i] >= num_experts) {
-      const int64_t status[4] = {kExpertOutOfRange, i / k, i % k, idx[i]};
-      std::memcpy(header + kStatus, status, sizeof(status));
-      return;
-    }
+  if (expert_id_status(header, idx, n, k, num_experts)) return;
   const int64_t local = num_experts / num_ranks;
   std::vector<char> expected(num_ranks);
   for (int64_t t = 0; t < n; ++t) {
@@ -104,6 +96,14 @@ void set_status(int64_t* header, const int64_t* idx, const bool* in_rank, int64_
         return;
       }
   }
+}
+
+// Adds to ``counts[d]`` the tokens of ``is_token_in_rank`` [N, R] that go to rank ``d``.
+void add_tokens_per_rank(int64_t* counts, const at::Tensor& is_token_in_rank) {
+  const int64_t num_ranks = is_token_in_rank.size(1);
+  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
+  for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
+    for (int64_t d = 0; d < num_ranks; ++d) counts[d] += in_rank[t * num_ranks + d];
 }
 
 // The handshake through the rings: this rank's header row (already in ``headers``) to every peer, theirs into
@@ -296,9 +296,7 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
   const bool* in_rank = is_token_in_rank.data_ptr<bool>();
   const int64_t agreed = handshake(rings, geometry, mirror, at_, header_row, rank, config[kNumSettings], budget_s,
                                    [&](int64_t* mine) {
-                                     for (int64_t t = 0; t < n; ++t)
-                                       for (int64_t d = 0; d < num_ranks; ++d)
-                                         mine[kCounts + d] += in_rank[t * num_ranks + d];
+                                     add_tokens_per_rank(mine + kCounts, is_token_in_rank);
                                      set_status(mine, topk_idx.data_ptr<int64_t>(), in_rank, n, k, num_ranks,
                                                 config[kNumExperts]);
                                    });
@@ -345,7 +343,6 @@ std::tuple<int64_t, std::vector<at::Tensor>> agree(
 // Each rank sends every source back the rows it got from it (x[:valid], source-major) and, with topk_weights,
 // their weights, packed in one row; each source sums its tokens' rows in rank order after the biases, in fp32,
 // rounded once (compute.Kernels.combine_reduce), and the weights likewise into float32.
-constexpr int64_t kHandleRows = 4;
 
 // normal._fingerprint of a rank_prefix_matrix, in the same wrapping int64 arithmetic and Python's modulo.
 int64_t fingerprint(const int32_t* matrix, int64_t numel) {
@@ -366,7 +363,6 @@ void handle_header(int64_t* mine, const at::Tensor& rank_prefix_matrix, const at
               "deepep: expected a contiguous handle");
   const int64_t num_ranks = rank_prefix_matrix.size(0);
   const int32_t* pm = rank_prefix_matrix.data_ptr<int32_t>();
-  const bool* in_rank = is_token_in_rank.data_ptr<bool>();
   mine[kSettings + fingerprint_word] = fingerprint(pm, num_ranks * num_ranks);
   const int64_t valid = pm[(num_ranks - 1) * num_ranks + rank];
   if (valid > rows_there) {
@@ -379,8 +375,7 @@ void handle_header(int64_t* mine, const at::Tensor& rank_prefix_matrix, const at
     from_sources[s] = pm[s * num_ranks + rank] - (s ? pm[(s - 1) * num_ranks + rank] : 0);
     own_tokens[s] = 0;
   }
-  for (int64_t t = 0; t < is_token_in_rank.size(0); ++t)
-    for (int64_t d = 0; d < num_ranks; ++d) own_tokens[d] += in_rank[t * num_ranks + d];
+  add_tokens_per_rank(own_tokens, is_token_in_rank);
 }
 
 int64_t combine_rows(const std::vector<at::Tensor>& rings, c10::IntArrayRef geometry, const at::Tensor& mirror,

@@ -1,6 +1,6 @@
-// The words of the shm protocol that csrc/shm.cpp and csrc/low_latency.cpp share: where the counters of
-// a segment live, how they are read and published, and the bounded wait (deep_ep_ops/transports/_shm_engine.py
-// specifies the layout).
+// What csrc/shm.cpp, csrc/normal.cpp and csrc/low_latency.cpp share of the shm protocol: where the counters of a
+// segment live, how they are read and published, the bounded wait, the ring loop
+// (deep_ep_ops/transports/_shm_engine.py specifies the layout), and the words of the handshake header.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -47,6 +47,22 @@ class Waiter {
   std::chrono::steady_clock::time_point deadline_;
   int spins_ = 0;
 };
+
+// --- the handshake header both whole-op paths send (deep_ep_ops/_handshake.py defines the words) ---------
+constexpr int64_t kStatus = 3, kSettings = 7, kCounts = 19, kOffer = kCounts - 1;  // kOffer: last spare setting
+constexpr int64_t kExpertOutOfRange = 2, kLayoutMismatch = 3, kHandleRows = 4;    // status codes
+
+// Writes the status of the first expert id outside [-1, num_experts) of ``idx`` [n, k] (token, slot, value) into
+// ``header``; false when every id is in range.
+inline bool expert_id_status(int64_t* header, const int64_t* idx, int64_t n, int64_t k, int64_t num_experts) {
+  for (int64_t i = 0; i < n * k; ++i)
+    if (idx[i] < -1 || idx[i] >= num_experts) {
+      const int64_t status[4] = {kExpertOutOfRange, i / k, i % k, idx[i]};
+      std::memcpy(header + kStatus, status, sizeof(status));
+      return true;
+    }
+  return false;
+}
 
 // Exclusive prefix sums of ``counts`` (one more entry than ``counts``: the total).
 inline std::vector<int64_t> prefix(c10::IntArrayRef counts) {
