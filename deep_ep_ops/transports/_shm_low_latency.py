@@ -74,6 +74,7 @@ class LowLatency:
         self.configs: dict[tuple, _Config] = {}  # configurations whose input checks passed
         self.native_calls = 0  # ops run here (the tests check that the path is taken)
         self._segments: tuple[int, list[torch.Tensor]] = (-1, [])
+        self._scratch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # header width: (recv_header, state)
 
     def _slots(self, config: _Config):
         """``(segments, geometry, exchange number)`` when the slots hold this exchange (taking the next exchange
@@ -91,9 +92,16 @@ class LowLatency:
         are free) and left in flight for the receive hook."""
         ctx = self.t.ctx
         self.native_calls += 1
-        recv_header = torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64)
-        exchange = _Exchange(native, (*args, recv_header, torch.zeros(ctx.num_ranks, dtype=torch.int64)),
-                             self.t.check_peers, args[2], op_name, seq)
+        if hook:  # in flight beside others: its own peers' headers and progress
+            scratch = (torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64),
+                       torch.zeros(ctx.num_ranks, dtype=torch.int64))
+        else:  # done before this returns: one pair serves every such call
+            scratch = self._scratch.get(len(args[3]))
+            if scratch is None:
+                scratch = self._scratch[len(args[3])] = (torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64),
+                                                         torch.zeros(ctx.num_ranks, dtype=torch.int64))
+            scratch[1].zero_()
+        exchange = _Exchange(native, (*args, *scratch), self.t.check_peers, args[2], op_name, seq)
         if hook:
             self.t._slots.track(exchange)
             with _waits.guard(ctx, op_name, seq):
@@ -150,7 +158,7 @@ class LowLatency:
         else:
             data, scales = x, None
         packed, packed_scales = (ctx.outputs.empty(shape, dtype) for shape, dtype in config.large)
-        outputs = (packed, packed_scales, *(torch.empty(shape, dtype=dtype) for shape, dtype in config.small))
+        outputs = (packed, packed_scales, *(torch.empty(*shape, dtype=dtype) for shape, dtype in config.small))
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
                                (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), data, scales, topk_idx, config.format, m,
                                 num_experts, num_shared, rank, expert_token_nums_type, *outputs), hook)
@@ -203,7 +211,7 @@ class LowLatency:
             return out
         seq = ctx.next_seq(op, x.shape[0])
         x, topk_idx, topk_weights, layout_range = (t.contiguous() for t in (x, topk_idx, topk_weights, layout_range))
-        out = x.new_empty((n, x.shape[2]))
+        out = x.new_empty(n, x.shape[2])
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_combine.default,
                                (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), x, layout_range, topk_idx, topk_weights,
                                 m, num_experts, num_shared, rank, out), hook)
