@@ -372,9 +372,8 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_w, _gseq):
     return _per_input(ctx, grads)
 
 
-for _name, _kernel in (("get_dispatch_layout", get_dispatch_layout), ("dispatch", dispatch),
-                       ("dispatch.cached", cached_dispatch), ("combine", combine)):
-    _registry.impl(lib, _name, _kernel)
-torch.library.register_autograd("deepep::dispatch", _backward_dispatch, setup_context=_setup_dispatch, lib=lib)
-torch.library.register_autograd("deepep::dispatch.cached", _backward_cached, setup_context=_setup_cached, lib=lib)
-torch.library.register_autograd("deepep::combine", _backward_combine, setup_context=_setup_combine, lib=lib)
+_registry.impl(lib, "get_dispatch_layout", get_dispatch_layout)
+for _name, _kernel, _backward, _setup in (("dispatch", dispatch, _backward_dispatch, _setup_dispatch),
+                                          ("dispatch.cached", cached_dispatch, _backward_cached, _setup_cached),
+                                          ("combine", combine, _backward_combine, _setup_combine)):
+    _registry.register_autograd(lib, _name, _backward, _setup, _registry.impl(lib, _name, _kernel))

@@ -1,5 +1,7 @@
 """Tier 1: ``torch.library.opcheck`` on every op (world-size-1 group) and the schema snapshot."""
 
+import sys
+
 import expecttest
 import pytest
 import torch
@@ -49,6 +51,40 @@ def test_opcheck(group1, name):
         pytest.skip("the shared-memory copy loops have only the C++ kernels of csrc/, which are not built here")
     for args in samples(group1)[name]:
         torch.library.opcheck(overload(name), args, test_utils=utils_for(name))
+
+
+@pytest.mark.parametrize("name", ["dispatch.default", "dispatch.cached", "combine.default"])
+def test_no_grad_calls_skip_the_redispatch(group1, name):
+    """Calls that need no gradient run the kernel straight from the autograd kernel
+    (``_registry.register_autograd``); calls with gradients, and calls under a dispatch mode, go through
+    torch's autograd kernel. Both give the same outputs."""
+    args = samples(group1)[name][0]
+    plain = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def call(*call_args):
+        entered = []
+        sys.setprofile(lambda frame, event, _: entered.append(frame.f_code.co_name) if event == "call" else None)
+        try:
+            out = overload(name)(*call_args)
+        finally:
+            sys.setprofile(None)
+        return out, entered
+
+    out, entered = call(*plain)
+    assert "shortcut" in entered and "autograd_impl" not in entered
+    with torch.no_grad():
+        assert "autograd_impl" not in call(*args)[1]
+    grad_out, entered = call(*args)
+    assert "autograd_impl" in entered and any(t.grad_fn is not None for t in grad_out)
+    for a, b in zip(out[:-1], grad_out[:-1]):  # (comm_seq_out counts calls)
+        assert torch.equal(a, b.detach())
+    with _PassThrough():
+        assert "autograd_impl" in call(*plain)[1]
+
+
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 class TestSchemas(expecttest.TestCase):
