@@ -5,10 +5,10 @@ import sys
 import expecttest
 import pytest
 import torch
+from opcheck_samples import samples
 
 import deep_ep_ops  # noqa: F401
 from deep_ep_ops import compute
-from opcheck_samples import samples
 
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 # A send half returns a fresh recv_token (and not-yet-filled outputs) on every call by design, so the
