@@ -7,7 +7,10 @@ Both compute the same result bit for bit (tests/cases_fused.py). The unfused cha
 writes with the public ops: ``Buffer.low_latency_dispatch`` into the ``[L, R*M, H]`` layout, one GEMM pair
 per expert on its valid rows, then ``Buffer.low_latency_combine``. The fused op skips that layout: it runs
 the expert GEMMs on the received rows and sends the outputs back in the order they arrived. Times are
-µs per call (median, p10/p90 over iterations, max over ranks); speed-up = unfused / fused.
+µs per call (median, p10/p90 over iterations, max over ranks); speed-up = unfused / fused. ``experts alone``
+times only the expert FFNs both variants run (the same weights, as many rows per expert as the fused call
+received), and ``ceiling`` = unfused / experts alone: the speed-up a fused op would reach if its dispatch,
+layout and combine cost nothing.
 """
 
 from __future__ import annotations
@@ -45,12 +48,36 @@ def _bench(rank: int, world: int, args) -> list[dict]:
                                       args.warmup, group))
         unfused = summary_us(time_calls(lambda: unfused_deep_moe(buf, *call, quant_mode=quant_mode), args.iters,
                                         args.warmup, group))
+        experts = summary_us(time_calls(_experts_alone(buf.fused_deep_moe(*call, quant_mode=quant_mode)[1],
+                                                       weights, local, world, args.hidden, quant_mode, g),
+                                        args.iters, args.warmup, group))
         rows.append({"transport": transport, "tokens": n, "quant_mode": quant_mode, "fused_us": fused["median_us"],
                      "fused_p10_us": fused["p10_us"], "fused_p90_us": fused["p90_us"],
                      "unfused_us": unfused["median_us"], "unfused_p10_us": unfused["p10_us"],
-                     "unfused_p90_us": unfused["p90_us"], "speedup": unfused["median_us"] / fused["median_us"]})
+                     "unfused_p90_us": unfused["p90_us"], "speedup": unfused["median_us"] / fused["median_us"],
+                     "experts_us": experts["median_us"], "ceiling": unfused["median_us"] / experts["median_us"]})
     buf.destroy()
     return rows
+
+
+def _experts_alone(ep_recv_count, weights, local: int, world: int, hidden: int, quant_mode: int, g):
+    """The expert FFNs alone, on as many rows per local expert as this rank received (random rows of the wire
+    dtype, the same weights): what both variants compute, so ``unfused / this`` is the most any fusion of
+    the communication around them can gain."""
+    from deep_ep_ops import ffn
+
+    rows = ep_recv_count.view(local, world).sum(1).tolist()
+    if quant_mode == 1:
+        xs = [torch.randint(-127, 128, (n, hidden), generator=g, dtype=torch.int8) for n in rows]
+        scales = [torch.rand(n, generator=g) / 127 for n in rows]
+    else:
+        xs, scales = [(torch.randn(n, hidden, generator=g) * 0.5).bfloat16() for n in rows], [None] * local
+
+    def run():
+        for i, n in enumerate(rows):
+            if n:
+                ffn.expert_ffn(xs[i], scales[i], weights[0][i], weights[1][i], weights[2][i], weights[3][i], quant_mode)
+    return run
 
 
 def main(argv=None) -> None:
@@ -70,7 +97,8 @@ def main(argv=None) -> None:
         f"max over ranks)",
         [("transport", "transport", ""), ("tokens", "tokens", "d"), ("quant_mode", "quant_mode", "d"), ("fused_us", "fused µs", ".0f"),
          ("fused_p10_us", "p10", ".0f"), ("fused_p90_us", "p90", ".0f"), ("unfused_us", "unfused µs", ".0f"),
-         ("unfused_p10_us", "p10", ".0f"), ("unfused_p90_us", "p90", ".0f"), ("speedup", "speed-up", ".2f")], rows)
+         ("unfused_p10_us", "p10", ".0f"), ("unfused_p90_us", "p90", ".0f"), ("speedup", "speed-up", ".2f"),
+         ("experts_us", "experts alone µs", ".0f"), ("ceiling", "ceiling", ".2f")], rows)
     write_json(args.json, {"benchmark": "fused", "config": vars(args), "rows": rows})
 
 
