@@ -30,20 +30,22 @@ class OutputPool:
         self.min_bytes, self.max_cached_bytes = min_bytes, max_cached_bytes
         self._free: dict[int, list[mmap.mmap]] = {}
         self._busy: list[tuple[StorageWeakRef, mmap.mmap]] = []
+        self._cached = 0  # bytes in _free (kept as a count: a decode step reclaims on every call)
 
     def _reclaim(self) -> None:
         busy = []
-        for ref, block in self._busy:
-            if ref.expired():
-                self._free.setdefault(len(block), []).append(block)
+        for entry in self._busy:
+            if entry[0].expired():
+                self._free.setdefault(len(entry[1]), []).append(entry[1])
+                self._cached += len(entry[1])
             else:
-                busy.append((ref, block))
+                busy.append(entry)
         self._busy = busy
-        cached = sum(len(b) for blocks in self._free.values() for b in blocks)
-        for size in sorted(self._free, reverse=True):
-            while cached > self.max_cached_bytes and self._free[size]:
-                self._free[size].pop().close()
-                cached -= size
+        if self._cached > self.max_cached_bytes:
+            for size in sorted(self._free, reverse=True):
+                while self._cached > self.max_cached_bytes and self._free[size]:
+                    self._free[size].pop().close()
+                    self._cached -= size
 
     def empty(self, shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized CPU tensor of ``shape`` and ``dtype`` that the caller owns."""
@@ -60,6 +62,7 @@ class OutputPool:
         free = self._free.get(size)
         if free:
             block = free.pop()
+            self._cached -= size
         else:
             block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
         out = torch.frombuffer(block, dtype=dtype, count=numel).view(*shape)
@@ -71,4 +74,4 @@ class OutputPool:
         for blocks in self._free.values():
             for block in blocks:
                 block.close()
-        self._free = {}
+        self._free, self._cached = {}, 0

@@ -95,3 +95,32 @@ def test_dispatch_layout(g, num_ranks, per_node):
         if n:
             idx[0, -1] = idx[0, 0]  # a duplicate id counts once per rank, twice per expert
         _same(NATIVE.dispatch_layout(idx, e, num_ranks, per_node), PY.dispatch_layout(idx, e, num_ranks, per_node))
+
+
+def test_output_pool_reuses_a_block_only_after_its_tensor_is_dropped():
+    """Large outputs come from pre-faulted blocks (``_outputs.OutputPool``): a block serves again once the caller
+    dropped its tensor, never while the tensor lives, and free blocks beyond ``max_cached_bytes`` are unmapped."""
+    from deep_ep_ops._outputs import OutputPool
+
+    pool = OutputPool(min_bytes=1 << 12, max_cached_bytes=1 << 16)
+    small = pool.empty((4, 4), torch.float32)
+    assert small.shape == (4, 4) and not pool._busy  # under min_bytes: torch.empty
+    a = pool.empty((64, 64), torch.float32)  # 16 KB
+    a.fill_(1.0)
+    b = pool.empty((64, 64), torch.float32)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, torch.ones(64, 64))
+    a_ptr = a.data_ptr()
+    del a
+    c = pool.empty((32, 128), torch.bfloat16)  # 8 KB: another size class
+    d = pool.empty((4096,), torch.float32)  # 16 KB: takes a's block
+    assert d.data_ptr() == a_ptr and c.data_ptr() not in (a_ptr, b.data_ptr())
+    del b, c, d
+    big = [pool.empty((1 << 14,), torch.float32) for _ in range(8)]  # 64 KB each
+    del big
+    # No free 32 KB block: reclaims 8 x 64 KB besides the free 2 x 16 KB + 8 KB, over the 64 KB budget, so
+    # the largest free blocks go first until it fits.
+    pool.empty((1 << 13,), torch.float32)
+    assert not pool._free.get(1 << 16) and pool._cached == 40 << 10
+    assert pool._cached == sum(len(b) for blocks in pool._free.values() for b in blocks)
+    pool.clear()
+    assert pool._cached == 0 and not pool._free
