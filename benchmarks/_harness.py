@@ -38,21 +38,28 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def time_calls(fn: Callable[[], object], iters: int, warmup: int, group=None) -> list[float]:
-    """Per-call seconds of ``fn``, each the max over the group's ranks, after a barrier."""
+def time_calls(fn: Callable[[], object], iters: int, warmup: int, group=None,
+               since_last_arrival: bool = False) -> list[float]:
+    """Per-call seconds of ``fn``, each the max over the group's ranks, after a barrier.
+
+    With ``since_last_arrival``, a sample runs from the moment the last rank left the barrier to the moment the
+    last rank finished, which takes the ranks' skew leaving the barrier out of it. That compares clock readings
+    across ranks: ``time.perf_counter`` reads ``CLOCK_MONOTONIC``, which the processes of one host share (the
+    benchmarks run their ranks on one host).
+    """
     for _ in range(warmup):
         fn()
-    samples = []
+    starts, ends = [], []
     for _ in range(iters):
         if group is not None:
             dist.barrier(group)
-        start = time.perf_counter()
+        starts.append(time.perf_counter())
         fn()
-        samples.append(time.perf_counter() - start)
-    t = torch.tensor(samples, dtype=torch.float64)
+        ends.append(time.perf_counter())
+    t = torch.tensor([[e - s for s, e in zip(starts, ends)], starts, ends], dtype=torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
+    return (t[2] - t[1] if since_last_arrival else t[0]).tolist()
 
 
 def summary_us(samples: list[float]) -> dict[str, float]:
@@ -82,8 +89,8 @@ def memcpy(nbytes: int) -> Callable[[], object]:
     return lambda: dst.copy_(src)
 
 
-def timed(fn: Callable[[], object], args, group) -> dict[str, float]:
-    return summary_us(time_calls(fn, args.iters, args.warmup, group))
+def timed(fn: Callable[[], object], args, group, since_last_arrival: bool = False) -> dict[str, float]:
+    return summary_us(time_calls(fn, args.iters, args.warmup, group, since_last_arrival))
 
 
 def gbps(nbytes: float, us: float) -> float:

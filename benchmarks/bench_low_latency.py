@@ -14,7 +14,8 @@ bytes of a row (BF16 2·H; FP8 H + 4·H/128; INT8 H + 4; combine 2·H). Baseline
 advance and buffers allocated once; ``memcpy`` copies the same bytes between pre-faulted buffers.
 ``x a2a`` = baseline µs / (dispatch + combine) µs. Each sample starts after a barrier, so it includes the ranks'
 skew and a core's wake-up; ``in a row`` times 16 steps back to back instead (a decode step runs layer after
-layer), for the op and the baseline alike.
+layer), for the op and the baseline alike; ``all arrived`` times the same after-a-barrier step from the moment
+the last rank left the barrier (ranks of one host share ``CLOCK_MONOTONIC``), without the ranks' skew.
 """
 
 from __future__ import annotations
@@ -64,20 +65,24 @@ def _bench(rank: int, world: int, args) -> list[dict]:
                                                                                   **kw)[2])
 
             t_both = timed(both, args, group)
+            arrived = timed(both, args, group, since_last_arrival=True)["median_us"]
             in_a_row = _in_a_row(both, args, group)
             buf.destroy()
             row.update({f"{transport}_dispatch_us": t_d["median_us"], f"{transport}_combine_us": t_c["median_us"],
                         f"{transport}_us": t_both["median_us"], f"{transport}_p10_us": t_both["p10_us"],
-                        f"{transport}_p90_us": t_both["p90_us"], f"{transport}_row_us": in_a_row})
+                        f"{transport}_p90_us": t_both["p90_us"], f"{transport}_row_us": in_a_row,
+                        f"{transport}_arrived_us": arrived})
         there, back = raw_all_to_all(per_dest, row_bytes, group), raw_all_to_all(per_dest, 2 * args.hidden, group)
         a2a = timed(lambda: (there(), back()), args, group)["median_us"]
         row["a2a_row_us"] = _in_a_row(lambda: (there(), back()), args, group)
+        row["a2a_arrived_us"] = timed(lambda: (there(), back()), args, group, since_last_arrival=True)["median_us"]
         nbytes = int(per_dest.sum()) * (row_bytes + 2 * args.hidden)
         row.update({"a2a_us": a2a, "memcpy_us": timed(memcpy(nbytes), args, group)["median_us"],
                     "logical_MB": int(selections) * (row_bytes + 2 * args.hidden) / 1e6})
         for transport in args.transport:
             row[f"{transport}_x_a2a"] = a2a / row[f"{transport}_us"]
             row[f"{transport}_row_x_a2a"] = row["a2a_row_us"] / row[f"{transport}_row_us"]
+            row[f"{transport}_arrived_x_a2a"] = row["a2a_arrived_us"] / row[f"{transport}_arrived_us"]
         rows.append(row)
     return rows
 
@@ -106,8 +111,10 @@ def main(argv=None) -> None:
         columns += [(f"{t}_dispatch_us", f"{t} dispatch µs", ".0f"), (f"{t}_combine_us", "combine µs", ".0f"),
                     (f"{t}_us", "both µs", ".0f"), (f"{t}_p10_us", "p10", ".0f"), (f"{t}_p90_us", "p90", ".0f"),
                     (f"{t}_x_a2a", "x a2a", ".2f"), (f"{t}_row_us", "in a row µs", ".0f"),
-                    (f"{t}_row_x_a2a", "x a2a", ".2f")]
+                    (f"{t}_row_x_a2a", "x a2a", ".2f"), (f"{t}_arrived_us", "all arrived µs", ".0f"),
+                    (f"{t}_arrived_x_a2a", "x a2a", ".2f")]
     columns += [("a2a_us", "a2a there+back µs", ".0f"), ("a2a_row_us", "in a row µs", ".0f"),
+                ("a2a_arrived_us", "all arrived µs", ".0f"),
                 ("memcpy_us", "memcpy µs", ".0f"),
                 ("logical_MB", "logical MB", ".2f")]
     title = (f"low-latency, {args.ranks} ranks, M {args.max_tokens}, hidden {args.hidden}, top-{args.num_topk} of "
