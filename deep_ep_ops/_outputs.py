@@ -34,12 +34,12 @@ class OutputPool:
 
     def _reclaim(self) -> None:
         busy = []
-        for entry in self._busy:
-            if entry[0].expired():
-                self._free.setdefault(len(entry[1]), []).append(entry[1])
-                self._cached += len(entry[1])
+        for ref, block in self._busy:
+            if ref.expired():
+                self._free.setdefault(len(block), []).append(block)
+                self._cached += len(block)
             else:
-                busy.append(entry)
+                busy.append((ref, block))
         self._busy = busy
         if self._cached > self.max_cached_bytes:
             for size in sorted(self._free, reverse=True):

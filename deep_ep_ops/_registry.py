@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -188,10 +189,10 @@ def register(group: dist.ProcessGroup, transport: str | None = None, timeout_s: 
     return ctx
 
 
-def impl(lib, name: str, kernel) -> None:
+def impl(lib, name: str, kernel) -> Callable:
     """Registers ``kernel`` as ``deepep::<name>`` behind the whole-op level of the group's backend: a
     backend whose :meth:`~deep_ep_ops.transports.Transport.override` returns a callable for the op runs
-    that instead (a vendor op), with the same arguments."""
+    that instead (a vendor op), with the same arguments. Returns the registered kernel."""
     position = list(inspect.signature(kernel).parameters).index("group_name")
 
     def run(*args, **kwargs):

@@ -92,14 +92,16 @@ class LowLatency:
         are free) and left in flight for the receive hook."""
         ctx = self.t.ctx
         self.native_calls += 1
-        if hook:  # in flight beside others: its own peers' headers and progress
-            scratch = (torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64),
+        # The peers' headers and the progress: a call done before this returns reuses one pair per header
+        # width; one left in flight for its hook (beside others) needs its own.
+        width = len(args[3])
+        scratch = None if hook else self._scratch.get(width)
+        if scratch is None:
+            scratch = (torch.empty(ctx.num_ranks, width, dtype=torch.int64),
                        torch.zeros(ctx.num_ranks, dtype=torch.int64))
-        else:  # done before this returns: one pair serves every such call
-            scratch = self._scratch.get(len(args[3]))
-            if scratch is None:
-                scratch = self._scratch[len(args[3])] = (torch.empty(ctx.num_ranks, len(args[3]), dtype=torch.int64),
-                                                         torch.zeros(ctx.num_ranks, dtype=torch.int64))
+            if not hook:
+                self._scratch[width] = scratch
+        else:
             scratch[1].zero_()
         exchange = _Exchange(native, (*args, *scratch), self.t.check_peers, args[2], op_name, seq)
         if hook:
@@ -160,7 +162,7 @@ class LowLatency:
         packed, packed_scales = (ctx.outputs.empty(shape, dtype) for shape, dtype in config.large)
         outputs = (packed, packed_scales, *(torch.empty(*shape, dtype=dtype) for shape, dtype in config.small))
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_dispatch.default,
-                               (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), data, scales, topk_idx, config.format, m,
+                               (*slots, _handshake.with_seq(config.header, seq), data, scales, topk_idx, config.format, m,
                                 num_experts, num_shared, rank, expert_token_nums_type, *outputs), hook)
         token = (low_latency._hold(ctx, _Hook(exchange)),) if hook else ()
         return (*outputs, *token, _handshake.next_comm_seq(comm_seq, x))
@@ -213,7 +215,7 @@ class LowLatency:
         x, topk_idx, topk_weights, layout_range = (t.contiguous() for t in (x, topk_idx, topk_weights, layout_range))
         out = x.new_empty(n, x.shape[2])
         exchange = self._start(op, seq, torch.ops.deepep._shm_ll_combine.default,
-                               (*slots[:2], slots[2], _handshake.with_seq(config.header, seq), x, layout_range, topk_idx, topk_weights,
+                               (*slots, _handshake.with_seq(config.header, seq), x, layout_range, topk_idx, topk_weights,
                                 m, num_experts, num_shared, rank, out), hook)
         token = (low_latency._hold(ctx, _Hook(exchange, out)),) if hook else ()
         return (out, *token, _handshake.next_comm_seq(comm_seq, x))
